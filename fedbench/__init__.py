@@ -1,0 +1,51 @@
+"""fedbench: a plugin-based benchmark of attacks and defenses in federated learning.
+
+The public API is small: build a cell with :func:`make_cell`, run it with :func:`run_cell`, and
+write plugins against the component classes and :data:`hookimpl`. Importing fedbench stays cheap:
+torch is imported only when a run or a component needs it.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+from typing import Any
+
+from fedbench.components import (
+    Aggregator,
+    Attack,
+    AttackEnv,
+    ClientDefense,
+    Dataset,
+    DatasetTensors,
+    MaliciousRound,
+    Model,
+    Partition,
+    Range,
+    StepState,
+    param,
+)
+from fedbench.errors import DataError, FedbenchError, SpecError, UnknownComponentError
+from fedbench.hookspecs import hookimpl
+from fedbench.plugins import register_plugin, registry, unregister_plugin
+from fedbench.spec import CellSpec, ComponentSpec, DefenseStack, Scenario, make_cell, parse_component, parse_defense
+
+try:
+    __version__ = _metadata.version("fedbench-suite")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+
+def run_cell(cell: CellSpec, **kwargs: Any):
+    """Run one cell; see :func:`fedbench.engine.run_cell`."""
+    from fedbench.engine import run_cell as _run
+
+    return _run(cell, **kwargs)
+
+
+__all__ = [
+    "Aggregator", "Attack", "AttackEnv", "CellSpec", "ClientDefense", "ComponentSpec", "DataError", "Dataset",
+    "DatasetTensors", "DefenseStack", "FedbenchError", "MaliciousRound", "Model", "Partition", "Range",
+    "Scenario", "SpecError", "StepState", "UnknownComponentError", "hookimpl", "make_cell", "param",
+    "parse_component", "parse_defense", "register_plugin", "registry", "run_cell", "unregister_plugin",
+    "__version__",
+]

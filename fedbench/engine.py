@@ -1,0 +1,238 @@
+"""One federated run (a "cell"): FedAvg as in the FL-WBC paper's protocol.
+
+The loop reads as the algorithm::
+
+    schedule -> for each round: select clients -> local training (benign, then malicious)
+             -> aggregate -> apply -> evaluate
+
+* N clients (``num_clients``), the first M of them malicious (``num_malicious``); an adversarial
+  round has the M malicious clients plus K-M random benign ones, a benign round K benign clients.
+* Rounds are adversarial with probability p, or exactly those in ``attack_rounds``; the schedule
+  and client selection come from the cell's own ``schedule`` stream (:mod:`fedbench.rng`), so every
+  defense in a comparison faces the same schedule and the same malicious data.
+* Updates are aggregated with the clients' sample counts as weights (a malicious client claims the
+  size of its own partition share) and the server adds the aggregate to the global model.
+* With the ``none`` attack there are no malicious clients and no adversarial rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from fedbench import rng
+from fedbench.components import AttackEnv, MaliciousRound
+from fedbench.data import load_dataset, take_fraction
+from fedbench.errors import FedbenchError
+from fedbench.metrics import AUTO_SUBSET, Mitigation, evaluate, mitigation_rounds, stratified_subset
+from fedbench.plugins import get_manager, registry
+from fedbench.spec import CellSpec, Scenario
+from fedbench.training import TRAINERS, ClientJob, FlatModel, LocalSetup
+
+
+@dataclass
+class RunResult:
+    """What a run produced, as plain data (``to_dict`` is JSON-ready)."""
+
+    cell: CellSpec
+    status: str  # "ok" or "diverged"
+    rounds: list[dict[str, Any]]
+    adversarial_rounds: list[int]
+    mitigation: list[Mitigation]
+    final_accuracy: float
+    seconds: float
+    message: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cell": self.cell.to_dict(),
+            "hash": self.cell.hash(),
+            "status": self.status,
+            "message": self.message,
+            "final_accuracy": self.final_accuracy,
+            "adversarial_rounds": self.adversarial_rounds,
+            "mitigation": [
+                {"attack_round": m.attack_round, "rounds": m.rounds, "censored": m.censored, "peak": m.peak}
+                for m in self.mitigation
+            ],
+            "rounds": self.rounds,
+            "seconds": self.seconds,
+            "timings": self.timings,
+        }
+
+
+def attack_schedule(scenario: Scenario, rounds: int, seed: int, active: bool) -> list[int]:
+    """The adversarial rounds (1-based) of a run."""
+    if not active or scenario.num_malicious == 0:
+        return []
+    if scenario.attack_rounds is not None:
+        return [r for r in scenario.attack_rounds if r <= rounds]
+    draws = torch.rand(rounds, generator=rng.generator(seed, "schedule"))
+    return [r + 1 for r in range(rounds) if float(draws[r]) < scenario.attack_prob]
+
+
+def select_clients(scenario: Scenario, n_malicious: int, rnd: int, adversarial: bool, seed: int) -> tuple[list[int], list[int]]:
+    """(benign ids, malicious ids) of round ``rnd``; malicious clients are ids 0..M-1."""
+    g = rng.generator(seed, "schedule", rnd)
+    benign_pool = torch.arange(n_malicious, scenario.num_clients)
+    k_benign = scenario.clients_per_round - (n_malicious if adversarial else 0)
+    benign = benign_pool[torch.randperm(len(benign_pool), generator=g)[:k_benign]]
+    return sorted(benign.tolist()), list(range(n_malicious)) if adversarial else []
+
+
+def run_cell(
+    cell: CellSpec,
+    *,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    trainer: str = "stacked",
+    on_round: Callable[[int, dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run one cell and return its metrics. Deterministic on CPU for a given cell and trainer."""
+    started = time.perf_counter()
+    reg = registry()
+    hook = get_manager().hook
+    dev = _device(device)
+    sc, seed = cell.scenario, cell.seed
+
+    data = load_dataset(cell.dataset, data_dir)
+    attack = cell.attack.build(reg)
+    n_mal = sc.num_malicious if attack.active else 0
+
+    parts = reg.get("partition", cell.partition.name)(**dict(cell.partition.params)).split(
+        data.train_y, sc.num_clients, rng.generator(seed, "partition")
+    )
+    parts = take_fraction(parts, sc.client_data_frac)
+
+    taken = attack.setup(
+        AttackEnv(data.train_x, data.train_y, data.test_x, data.test_y, data.num_classes, rng.generator(seed, "attack"), dev)
+    )
+    keep = torch.ones(len(data.test_y), dtype=torch.bool)
+    if taken is not None and len(taken):
+        keep[taken] = False
+    test_x, test_y = data.test_x[keep].to(dev), data.test_y[keep].to(dev)
+    subset = None
+    if sc.eval == "auto" and len(test_y) > AUTO_SUBSET:
+        subset = stratified_subset(test_y.cpu(), AUTO_SUBSET, rng.generator(seed, "eval")).to(dev)
+
+    client_defenses = [spec.build(reg) for spec in cell.defense.client]
+    aggregator = cell.defense.aggregator.build(reg)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.derive_seed(seed, "init"))
+        module = cell.model.build(reg).build(tuple(data.train_x.shape[1:]), data.num_classes)
+    model = FlatModel(module.to(dev))
+    train = TRAINERS[trainer](model, dev)
+    global_flat = model.flatten().to(dev)
+    setup = LocalSetup(sc.local_epochs, sc.batch_size, sc.lr, sc.momentum)
+    train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
+    sizes = torch.tensor([len(p) for p in parts], dtype=torch.float32, device=dev)
+
+    schedule = attack_schedule(sc, cell.rounds, seed, attack.active)
+    adversarial_set = set(schedule)
+    series: list[dict[str, Any]] = []
+    timings = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
+    status, message = "ok", ""
+
+    for rnd in range(1, cell.rounds + 1):
+        adversarial = rnd in adversarial_set
+        benign_ids, malicious_ids = select_clients(sc, n_mal, rnd, adversarial, seed)
+
+        t0 = time.perf_counter()
+        jobs = [
+            ClientJob(
+                train_x[parts[c]], train_y[parts[c]],
+                batch_gen=rng.generator(seed, "train", rnd, c),
+                defense_gen=rng.generator(seed, "defense", rnd, c, device=dev),
+            )
+            for c in benign_ids
+        ]
+        benign_updates = train.train(global_flat, jobs, setup, defenses=client_defenses)
+        updates = benign_updates
+        if malicious_ids:
+            malicious = attack.malicious_updates(
+                MaliciousRound(
+                    round=rnd,
+                    global_params=global_flat,
+                    client_ids=tuple(malicious_ids),
+                    client_data=[(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids],
+                    train=_malicious_trainer(train, global_flat, setup, seed, rnd, malicious_ids),
+                    forward=lambda flat, x: model.forward(flat)(x),
+                    generator=rng.generator(seed, "attack", rnd),
+                    benign_updates=benign_updates if attack.omniscient else None,
+                )
+            )
+            if tuple(malicious.shape) != (len(malicious_ids), model.num_params):
+                raise FedbenchError(
+                    f"attack '{attack.name}' returned updates of shape {tuple(malicious.shape)}, "
+                    f"expected {(len(malicious_ids), model.num_params)}"
+                )
+            updates = torch.cat([malicious, benign_updates])
+        weights = sizes[torch.tensor(malicious_ids + benign_ids, device=dev)]
+        t1 = time.perf_counter()
+        global_flat = global_flat + aggregator.aggregate(updates, weights, rng.generator(seed, "aggregate", rnd, device=dev))
+        t2 = time.perf_counter()
+
+        forward = model.forward(global_flat)
+        last = rnd == cell.rounds
+        if subset is not None and not last:
+            acc, loss = evaluate(forward, test_x[subset], test_y[subset])
+            eval_n = len(subset)
+        else:
+            acc, loss = evaluate(forward, test_x, test_y)
+            eval_n = len(test_y)
+        row: dict[str, Any] = {"round": rnd, "adversarial": adversarial, "accuracy": acc, "loss": loss, "eval_n": eval_n}
+        with torch.no_grad():
+            row.update({k: float(v) for k, v in attack.metrics(forward).items()})
+        t3 = time.perf_counter()
+        timings["train"] += t1 - t0
+        timings["aggregate"] += t2 - t1
+        timings["evaluate"] += t3 - t2
+        series.append(row)
+        hook.round_finished(cell=cell, round=rnd, metrics=dict(row))
+        if on_round is not None:
+            on_round(rnd, row)
+        if not math.isfinite(loss) or not bool(torch.isfinite(global_flat).all()):
+            status, message = "diverged", f"non-finite loss or parameters in round {rnd}"
+            break
+
+    mitigation = mitigation_rounds(series, schedule, attack.mitigated) if status == "ok" else []
+    return RunResult(
+        cell=cell,
+        status=status,
+        rounds=series,
+        adversarial_rounds=schedule,
+        mitigation=mitigation,
+        final_accuracy=series[-1]["accuracy"] if series else float("nan"),
+        seconds=time.perf_counter() - started,
+        message=message,
+        timings=timings,
+    )
+
+
+def _malicious_trainer(trainer, global_flat, setup: LocalSetup, seed: int, rnd: int, ids: list[int]):
+    """``MaliciousRound.train``: ordinary local training without client defenses.
+
+    ``data`` is one ``(x, y)`` per malicious client; ``epochs``/``batch_size`` override the
+    scenario's; ``objective`` replaces the cross-entropy (see ``fedbench.training.Objective``)."""
+
+    def train(data, *, epochs=None, batch_size=None, objective=None):
+        local = LocalSetup(epochs or setup.epochs, batch_size or setup.batch_size, setup.lr, setup.momentum)
+        jobs = [ClientJob(x, y, batch_gen=rng.generator(seed, "attack", rnd, c)) for (x, y), c in zip(data, ids)]
+        kwargs = {"objective": objective} if objective is not None else {}
+        return trainer.train(global_flat, jobs, local, **kwargs)
+
+    return train
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise FedbenchError(f"unknown device '{name}'; use cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FedbenchError("device 'cuda' asked for, but torch sees no CUDA GPU here; use --device cpu")
+    return torch.device(name)

@@ -1,0 +1,182 @@
+"""The plugin manager: loads entry points, honours ``FEDBENCH_PLUGINS``, and builds the registry.
+
+``FEDBENCH_PLUGINS=a,b`` loads only the entry points named ``a`` and ``b`` (the core's own datasets,
+models, partitions and the ``none`` attack are always there). :func:`register_plugin` adds a plugin
+object directly, for notebooks and tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from fedbench import hookspecs
+from fedbench.components import BASES, Component
+from fedbench.errors import FedbenchError, UnknownComponentError
+
+ENTRY_POINT_GROUP = "fedbench"
+_HOOK_FOR_KIND = {
+    "attack": "register_attacks",
+    "defense": "register_defenses",
+    "aggregator": "register_aggregators",
+    "dataset": "register_datasets",
+    "model": "register_models",
+    "partition": "register_partitions",
+}
+_PLURAL = {
+    "attack": "attacks",
+    "defense": "client defenses",
+    "aggregator": "aggregators",
+    "dataset": "datasets",
+    "model": "models",
+    "partition": "partitions",
+}
+
+_manager: pluggy.PluginManager | None = None
+_ORIGINS: dict[str, str] = {"fedbench": "fedbench (core)"}
+_registry: "Registry | None" = None
+_extra: list[tuple[Any, str]] = []
+
+
+@dataclass(frozen=True)
+class Entry:
+    cls: type[Component]
+    origin: str  # plugin name and version, e.g. "wbc (fedbench-suite 0.1.0)"
+
+
+class Registry:
+    """Every registered component, by kind and name."""
+
+    def __init__(self) -> None:
+        self._by_kind: dict[str, dict[str, Entry]] = {kind: {} for kind in BASES}
+
+    def add(self, kind: str, cls: type, origin: str) -> None:
+        base = BASES[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise FedbenchError(f"plugin {origin} registered {cls!r} as {kind}, which is not a {base.__name__}")
+        name = getattr(cls, "name", None)
+        if not name:
+            raise FedbenchError(f"plugin {origin} registered {cls.__name__} without a 'name'")
+        known = self._by_kind[kind]
+        if name in known and known[name].cls is not cls:
+            raise FedbenchError(
+                f"{kind} '{name}' is registered twice: by {known[name].origin} and by {origin}"
+            )
+        known[name] = Entry(cls, origin)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._by_kind[kind])
+
+    def entries(self, kind: str) -> dict[str, Entry]:
+        return dict(sorted(self._by_kind[kind].items()))
+
+    def kind_of(self, name: str) -> str | None:
+        for kind, known in self._by_kind.items():
+            if name in known:
+                return kind
+        return None
+
+    def get(self, kind: str, name: str) -> type[Component]:
+        try:
+            return self._by_kind[kind][name].cls
+        except KeyError:
+            raise UnknownComponentError(unknown_message(kind, name, self.names(kind))) from None
+
+
+def unknown_message(kind: str, name: str, known: list[str]) -> str:
+    return f"unknown {kind} '{name}'; known {_PLURAL[kind]}: {', '.join(known) or '(none loaded)'}"
+
+
+def _selected_names() -> set[str] | None:
+    raw = os.environ.get("FEDBENCH_PLUGINS")
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _dist_label(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{ep.name} ({dist.name} {dist.version})" if dist is not None else ep.name
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def get_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, built on first use."""
+    global _manager
+    if _manager is None:
+        pm = pluggy.PluginManager("fedbench")
+        pm.add_hookspecs(hookspecs)
+        from fedbench import builtins  # the core's own components, always present
+
+        pm.register(builtins, name="fedbench")
+        selected = _selected_names()
+        available = _entry_points()
+        if selected is not None:
+            missing = selected - {ep.name for ep in available}
+            if missing:
+                raise FedbenchError(
+                    f"FEDBENCH_PLUGINS names unknown plugin(s) {', '.join(sorted(missing))}; "
+                    f"installed: {', '.join(ep.name for ep in available) or '(none)'}"
+                )
+        for ep in available:
+            if selected is not None and ep.name not in selected:
+                continue
+            if pm.get_plugin(ep.name) is not None:
+                continue
+            pm.register(ep.load(), name=ep.name)
+            _ORIGINS[ep.name] = _dist_label(ep)
+        for plugin, name in _extra:
+            pm.register(plugin, name=name)
+            _ORIGINS[name] = f"{name} (registered directly)"
+        _manager = pm
+    return _manager
+
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> None:
+    """Register a plugin object (module, class or instance with hookimpls) in this process.
+
+    It survives :func:`reset`, so a notebook can register once and keep using the registry."""
+    name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+    _extra.append((plugin, name))
+    reset()
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin added by :func:`register_plugin`."""
+    _extra[:] = [(p, n) for p, n in _extra if n != name]
+    reset()
+
+
+def reset() -> None:
+    """Forget the manager and registry so they are rebuilt (after the environment changed)."""
+    global _manager, _registry
+    _manager = None
+    _registry = None
+
+
+def registry() -> Registry:
+    """Every component of every loaded plugin."""
+    global _registry
+    if _registry is None:
+        pm = get_manager()
+        reg = Registry()
+        for kind, hook_name in _HOOK_FOR_KIND.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                origin = _ORIGINS.get(impl.plugin_name, impl.plugin_name)
+                impl.function(register=lambda cls, kind=kind, origin=origin: reg.add(kind, cls, origin))
+        _registry = reg
+    return _registry
+
+
+def plugin_versions() -> dict[str, str]:
+    """Loaded plugin names with their origins, for provenance records."""
+    get_manager()
+    return {name: origin for name, origin in sorted(_ORIGINS.items()) if get_manager().get_plugin(name)}

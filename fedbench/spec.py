@@ -1,0 +1,329 @@
+"""Specs are data: the ``name:k=v`` grammar, frozen cell descriptions and their stable hashes.
+
+Everything a user types to name a component is parsed here and nowhere else:
+
+* a component: ``poison`` or ``poison:images=10,lam=0.5``;
+* a defense stack: ``cma+wbc:s=0.4`` -- any number of client defenses (applied in the order given)
+  plus at most one aggregator, ``fedavg`` when none is named.
+
+Parsing looks names up in the plugin registry, coerces and validates every parameter and fills in
+defaults, so ``wbc`` and ``wbc:s=0.4`` are the same spec with the same hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fedbench.components import Component, ParamInfo
+from fedbench.errors import SpecError
+from fedbench.plugins import Registry, registry, unknown_message
+
+SPEC_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Components and defense stacks
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One named component with all its parameters resolved (sorted ``(name, value)`` pairs)."""
+
+    kind: str
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __str__(self) -> str:
+        """Short label: only parameters that differ from their defaults."""
+        defaults = {info.name: info.default for info in self.info()}
+        changed = [(k, v) for k, v in self.params if defaults.get(k) != v]
+        return _label(self.name, changed)
+
+    def canonical(self) -> str:
+        return _label(self.name, self.params)
+
+    def info(self, reg: Registry | None = None) -> tuple[ParamInfo, ...]:
+        return (reg or registry()).get(self.kind, self.name).param_info()
+
+    def build(self, reg: Registry | None = None) -> Any:
+        """A fresh component object for one run."""
+        return (reg or registry()).get(self.kind, self.name)(**dict(self.params))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ComponentSpec":
+        return cls(data["kind"], data["name"], tuple(sorted(data["params"].items())))
+
+
+def _label(name: str, params) -> str:
+    if not params:
+        return name
+    return name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in params)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def resolve(kind: str, cls: type[Component], raw: Mapping[str, Any]) -> ComponentSpec:
+    """Validate ``raw`` parameters against ``cls`` and fill defaults."""
+    infos = {info.name: info for info in cls.param_info()}
+    unknown = sorted(set(raw) - set(infos))
+    if unknown:
+        allowed = ", ".join(f"{i.name} ({i.allowed()}, default {_fmt(i.default)})" for i in infos.values())
+        raise SpecError(
+            f"{cls.name}: unknown parameter '{unknown[0]}'; "
+            f"{'parameters: ' + allowed if allowed else 'it takes no parameters'}"
+        )
+    values = {name: info.coerce(cls.name, raw[name]) if name in raw else info.default for name, info in infos.items()}
+    cls(**values)  # cross-parameter validation in __post_init__, if the component has any
+    return ComponentSpec(kind, cls.name, tuple(sorted(values.items())))
+
+
+def _split_params(text: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise SpecError(f"empty component name in {text!r}")
+    params: dict[str, str] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key or not value.strip():
+                raise SpecError(f"{name}: expected key=value, got {item.strip()!r} in {text!r}")
+            if key in params:
+                raise SpecError(f"{name}: parameter '{key}' given twice in {text!r}")
+            params[key] = value.strip()
+    return name, params
+
+
+def parse_component(kind: str, text: str, reg: Registry | None = None) -> ComponentSpec:
+    """Parse ``name`` or ``name:k=v,...`` as a component of ``kind``."""
+    reg = reg or registry()
+    name, params = _split_params(text)
+    return resolve(kind, reg.get(kind, name), params)
+
+
+@dataclass(frozen=True)
+class DefenseStack:
+    """Client defenses in the order they run, and the one aggregator."""
+
+    client: tuple[ComponentSpec, ...]
+    aggregator: ComponentSpec
+
+    def __str__(self) -> str:
+        return "+".join(str(part) for part in (self.aggregator, *self.client) if not _implied(part, self))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"client": [c.to_dict() for c in self.client], "aggregator": self.aggregator.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DefenseStack":
+        return cls(tuple(ComponentSpec.from_dict(c) for c in data["client"]), ComponentSpec.from_dict(data["aggregator"]))
+
+
+def _implied(part: ComponentSpec, stack: DefenseStack) -> bool:
+    """``fedavg`` is left out of a label when client defenses are present (``wbc`` = ``fedavg+wbc``)."""
+    return part is stack.aggregator and part.name == "fedavg" and not part.params and bool(stack.client)
+
+
+def parse_defense(text: str, reg: Registry | None = None) -> DefenseStack:
+    """Parse a defense stack such as ``cma+wbc:s=0.4``."""
+    reg = reg or registry()
+    parts = [p for p in text.split("+")]
+    if not text.strip() or any(not p.strip() for p in parts):
+        raise SpecError(f"empty part in defense stack {text!r}")
+    client: list[ComponentSpec] = []
+    aggregators: list[ComponentSpec] = []
+    for part in parts:
+        name, params = _split_params(part)
+        kind = next((k for k in ("defense", "aggregator") if name in reg.names(k)), None)
+        if kind is None:
+            known = reg.names("defense") + reg.names("aggregator")
+            raise SpecError(unknown_message("defense", name, sorted(known)).replace(
+                "known client defenses", "known defenses and aggregators"))
+        spec = resolve(kind, reg.get(kind, name), params)
+        (client if kind == "defense" else aggregators).append(spec)
+    if len(aggregators) > 1:
+        raise SpecError(
+            f"defense stack {text!r} names {len(aggregators)} aggregators "
+            f"({', '.join(a.name for a in aggregators)}); a stack takes at most one"
+        )
+    aggregator = aggregators[0] if aggregators else resolve("aggregator", reg.get("aggregator", "fedavg"), {})
+    return DefenseStack(tuple(client), aggregator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenario and protocols
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    """The federated setting. Defaults are the FL-WBC paper's text (reference section 1)."""
+
+    num_clients: int = 100
+    num_malicious: int = 5
+    clients_per_round: int = 10
+    attack_prob: float = 0.1
+    attack_rounds: tuple[int, ...] | None = None  # explicit schedule; overrides attack_prob
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.0
+    client_data_frac: float = 1.0  # the authors' code trains on the first 80% of each client's data
+    eval: str = "auto"  # see fedbench.metrics.EVAL_POLICIES
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise SpecError(f"scenario: {name}={getattr(self, name)!r} is not allowed; {allowed}")
+
+        need(self.num_clients >= 1, "num_clients", "need at least 1 client")
+        need(0 <= self.num_malicious < self.num_clients, "num_malicious", "need 0 <= num_malicious < num_clients")
+        need(
+            1 <= self.clients_per_round <= self.num_clients - self.num_malicious,
+            "clients_per_round",
+            "need 1 <= clients_per_round <= num_clients - num_malicious",
+        )
+        need(self.num_malicious <= self.clients_per_round, "num_malicious", "need num_malicious <= clients_per_round")
+        need(0.0 <= self.attack_prob <= 1.0, "attack_prob", "need 0 <= attack_prob <= 1")
+        need(self.local_epochs >= 1, "local_epochs", "need >= 1")
+        need(self.batch_size >= 1, "batch_size", "need >= 1")
+        need(self.lr > 0, "lr", "need > 0")
+        need(0.0 <= self.momentum < 1.0, "momentum", "need 0 <= momentum < 1")
+        need(0.0 < self.client_data_frac <= 1.0, "client_data_frac", "need 0 < client_data_frac <= 1")
+        from fedbench.metrics import EVAL_POLICIES
+
+        need(self.eval in EVAL_POLICIES, "eval", "one of " + ", ".join(EVAL_POLICIES))
+        if self.attack_rounds is not None:
+            rounds = tuple(self.attack_rounds)
+            need(all(isinstance(r, int) and r >= 1 for r in rounds), "attack_rounds", "rounds count from 1")
+            object.__setattr__(self, "attack_rounds", tuple(sorted(set(rounds))))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+#: Named presets of scenario parameters (never branches in the engine). ``paper`` is the paper's text;
+#: ``reference-code`` is what the authors' public code does (reference section 1).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "reference-code": {"local_epochs": 10, "batch_size": 10, "momentum": 0.5, "client_data_frac": 0.8},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cells
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellSpec:
+    """One complete run: what ``fedbench run`` runs and what the matrix has one of per cell."""
+
+    dataset: ComponentSpec
+    partition: ComponentSpec
+    model: ComponentSpec
+    attack: ComponentSpec
+    defense: DefenseStack
+    scenario: Scenario = field(default_factory=Scenario)
+    protocol: str = "paper"
+    seed: int = 0
+    rounds: int = 30
+
+    def to_dict(self) -> dict[str, Any]:
+        scenario = dataclasses.asdict(self.scenario)
+        if scenario["attack_rounds"] is not None:
+            scenario["attack_rounds"] = list(scenario["attack_rounds"])
+        return {
+            "version": SPEC_VERSION,
+            "dataset": self.dataset.to_dict(),
+            "partition": self.partition.to_dict(),
+            "model": self.model.to_dict(),
+            "attack": self.attack.to_dict(),
+            "defense": self.defense.to_dict(),
+            "scenario": scenario,
+            "protocol": self.protocol,
+            "seed": self.seed,
+            "rounds": self.rounds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CellSpec":
+        if data.get("version") != SPEC_VERSION:
+            raise SpecError(f"cell spec version {data.get('version')!r} is not supported (need {SPEC_VERSION})")
+        scenario = dict(data["scenario"])
+        if scenario.get("attack_rounds") is not None:
+            scenario["attack_rounds"] = tuple(scenario["attack_rounds"])
+        return cls(
+            dataset=ComponentSpec.from_dict(data["dataset"]),
+            partition=ComponentSpec.from_dict(data["partition"]),
+            model=ComponentSpec.from_dict(data["model"]),
+            attack=ComponentSpec.from_dict(data["attack"]),
+            defense=DefenseStack.from_dict(data["defense"]),
+            scenario=Scenario(**scenario),
+            protocol=data["protocol"],
+            seed=data["seed"],
+            rounds=data["rounds"],
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        """Stable across processes, dict orders and Python versions: SHA-256 of canonical JSON."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        return f"{self.dataset} {self.attack} vs {self.defense} seed={self.seed}"
+
+
+def make_cell(
+    *,
+    dataset: str = "digits",
+    partition: str = "iid",
+    model: str | None = None,
+    attack: str = "none",
+    defense: str = "fedavg",
+    protocol: str = "paper",
+    seed: int = 0,
+    rounds: int = 30,
+    reg: Registry | None = None,
+    **scenario: Any,
+) -> CellSpec:
+    """Build a validated cell from spec strings.
+
+    The scenario is layered: the paper's defaults, then the dataset's own defaults (a small dataset
+    may use fewer clients), then the protocol preset, then explicit keyword arguments.
+    """
+    reg = reg or registry()
+    ds = parse_component("dataset", dataset, reg)
+    ds_cls = reg.get("dataset", ds.name)
+    if protocol not in PROTOCOLS:
+        raise SpecError(f"unknown protocol '{protocol}'; known protocols: {', '.join(PROTOCOLS)}")
+    unknown = sorted(set(scenario) - set(Scenario.field_names()))
+    if unknown:
+        raise SpecError(f"unknown scenario parameter '{unknown[0]}'; known: {', '.join(Scenario.field_names())}")
+    values = {**dict(ds_cls.scenario_defaults), **PROTOCOLS[protocol]}
+    values.update({k: v for k, v in scenario.items() if v is not None})
+    if not isinstance(rounds, int) or rounds < 1:
+        raise SpecError(f"rounds={rounds!r} is not allowed; need an integer >= 1")
+    return CellSpec(
+        dataset=ds,
+        partition=parse_component("partition", partition, reg),
+        model=parse_component("model", model or ds_cls.default_model, reg),
+        attack=parse_component("attack", attack, reg),
+        defense=parse_defense(defense, reg),
+        scenario=Scenario(**values),
+        protocol=protocol,
+        seed=int(seed),
+        rounds=rounds,
+    )
