@@ -1,0 +1,234 @@
+"""The ``fedbench`` command: a thin layer of click commands over the public API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from fedbench.errors import FedbenchError
+
+KIND_ALIASES = {
+    "attacks": "attack", "attack": "attack",
+    "defenses": "defense", "defense": "defense",
+    "aggregators": "aggregator", "aggregator": "aggregator",
+    "datasets": "dataset", "dataset": "dataset",
+    "models": "model", "model": "model",
+    "partitions": "partition", "partition": "partition",
+}
+TITLES = {
+    "attack": "Attacks", "defense": "Client defenses", "aggregator": "Aggregators",
+    "dataset": "Datasets", "model": "Models", "partition": "Partitions",
+}
+
+
+class FedbenchGroup(click.Group):
+    """Turns a :class:`FedbenchError` into one clear message and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FedbenchError as error:
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(2)
+
+
+def _version() -> str:
+    from fedbench import __version__
+
+    return __version__
+
+
+@click.group(cls=FedbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="fedbench")
+def main() -> None:
+    """Benchmark attacks and defenses in federated learning."""
+
+
+# --------------------------------------------------------------------------------------------------
+# list
+# --------------------------------------------------------------------------------------------------
+@main.command("list")
+@click.argument("kind", required=False)
+def list_cmd(kind: str | None) -> None:
+    """List registered components (KIND: attacks, defenses, aggregators, datasets, models, partitions).
+
+    ``defenses`` shows client defenses and aggregators, since both go into a defense stack."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedbench.plugins import registry
+
+    if kind is not None and kind.lower() not in KIND_ALIASES:
+        raise FedbenchError(f"unknown kind '{kind}'; use one of: {', '.join(sorted(set(KIND_ALIASES) - set(TITLES)))}")
+    kinds = list(TITLES) if kind is None else [KIND_ALIASES[kind.lower()]]
+    if kinds == ["defense"]:
+        kinds = ["defense", "aggregator"]
+    reg = registry()
+    console = Console(width=max(Console().width, 120))
+    for k in kinds:
+        table = Table(title=TITLES[k], title_justify="left", show_lines=False)
+        table.add_column("name", style="bold")
+        table.add_column("parameters")
+        table.add_column("description")
+        table.add_column("origin", style="dim")
+        for name, entry in reg.entries(k).items():
+            params = ", ".join(f"{i.name}={_show(i.default)} ({i.allowed()})" for i in entry.cls.param_info()) or "-"
+            desc = entry.cls.description()
+            if k == "dataset":
+                extra = f" [model: {entry.cls.default_model}"
+                if entry.cls.scenario_defaults:
+                    extra += "; scenario: " + ", ".join(f"{a}={b}" for a, b in entry.cls.scenario_defaults.items())
+                desc += extra + "]"
+            table.add_row(name, params, desc, entry.origin)
+        console.print(table)
+
+
+def _show(value: Any) -> str:
+    return {True: "true", False: "false"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------------
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        rounds = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected comma-separated round numbers, e.g. 31,45") from None
+    if any(r < 1 for r in rounds):
+        raise click.BadParameter("rounds count from 1")
+    return rounds
+
+
+def scenario_options(f):
+    """Options shared by ``run`` and ``matrix``: what the cell runs on and the federated scenario."""
+    options = [
+        click.option("--dataset", default="digits", show_default=True, help="Dataset name (see `fedbench list datasets`)."),
+        click.option("--partition", default="iid", show_default=True, help="iid | shards[:per_client=2] | dirichlet[:alpha=0.5]"),
+        click.option("--model", default=None, help="Model name; default: the dataset's own."),
+        click.option("--protocol", type=click.Choice(["paper", "reference-code"]), default="paper", show_default=True,
+                     help="paper: the paper's text (1 epoch, batch 32); reference-code: the authors' code "
+                          "(10 epochs, batch 10, momentum 0.5, 80% of client data)."),
+        click.option("--rounds", type=int, default=30, show_default=True),
+        click.option("--attack-rounds", callback=_int_list, default=None, help="Explicit adversarial rounds, e.g. 31,45 (overrides --attack-prob)."),
+        click.option("--attack-prob", type=float, default=None, help="Probability a round is adversarial [paper: 0.1]."),
+        click.option("--clients", "num_clients", type=int, default=None, help="Number of clients N [paper: 100]."),
+        click.option("--malicious", "num_malicious", type=int, default=None, help="Malicious clients M [paper: 5]."),
+        click.option("--per-round", "clients_per_round", type=int, default=None, help="Clients per round K [paper: 10]."),
+        click.option("--epochs", "local_epochs", type=int, default=None, help="Local epochs [paper: 1]."),
+        click.option("--batch-size", type=int, default=None, help="Local batch size [paper: 32]."),
+        click.option("--lr", type=float, default=None, help="Local SGD learning rate [paper: 0.01]."),
+        click.option("--momentum", type=float, default=None, help="Local SGD momentum [paper: 0]."),
+        click.option("--data-frac", "client_data_frac", type=float, default=None, help="Fraction of each client's data used [paper: 1]."),
+        click.option("--eval", "eval_policy", type=click.Choice(["auto", "full"]), default=None,
+                     help="auto: per round a fixed stratified subset of 2,000 test images (whole test set if smaller, "
+                          "and always in the last round); full: the whole test set every round."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where datasets live (default: $FEDBENCH_DATA_DIR, else ~/.cache/fedbench)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+        click.option("--trainer", type=click.Choice(["stacked", "loop"]), default="stacked", show_default=True,
+                     help="stacked: the clients of a round trained together; loop: one after another (reference)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+SCENARIO_KEYS = ("attack_prob", "num_clients", "num_malicious", "clients_per_round", "local_epochs",
+                 "batch_size", "lr", "momentum", "client_data_frac")
+
+
+def cell_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """The ``make_cell`` keywords from parsed scenario options."""
+    kw = {k: opts[k] for k in SCENARIO_KEYS if opts.get(k) is not None}
+    if opts.get("attack_rounds") is not None:
+        kw["attack_rounds"] = opts["attack_rounds"]
+    if opts.get("eval_policy") is not None:
+        kw["eval"] = opts["eval_policy"]
+    for key in ("dataset", "partition", "model", "protocol", "rounds"):
+        kw[key] = opts[key]
+    return kw
+
+
+@main.command()
+@click.option("--attack", default="none", show_default=True, help="Attack spec, e.g. poison:images=10,lam=0.5")
+@click.option("--defense", default="fedavg", show_default=True, help="Defense stack, e.g. cma+wbc:s=0.4 (fedavg if no aggregator).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@scenario_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON (and nothing else on stdout).")
+@click.option("--quiet", is_flag=True, help="No per-round lines or progress bar.")
+def run(attack, defense, seed, as_json, quiet, **opts) -> None:
+    """Run one federated training run (a cell) and print its metrics."""
+    from rich.console import Console
+
+    from fedbench.engine import run_cell
+    from fedbench.spec import make_cell
+
+    cell = make_cell(attack=attack, defense=defense, seed=seed, **cell_kwargs(opts))
+    out = Console(stderr=as_json)
+    show = not quiet and not as_json
+    if show:
+        out.print(f"[bold]{cell.label()}[/] · protocol {cell.protocol} · {cell.rounds} rounds · cell {cell.hash()}")
+    progress, task, on_round = _round_progress(cell, out, show, quiet)
+    try:
+        with progress:
+            result = run_cell(cell, data_dir=opts["data_dir"], device=opts["device"], trainer=opts["trainer"], on_round=on_round)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    if not quiet:
+        _summary(result, out)
+    if result.status != "ok":
+        out.print(f"[red]{result.status}: {result.message}[/]")
+        sys.exit(1)
+
+
+def _round_progress(cell, console, show_lines: bool, quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet, transient=True,
+    )
+    task = progress.add_task("rounds", total=cell.rounds, status="")
+
+    def on_round(rnd: int, row: dict[str, Any]) -> None:
+        extra = "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k not in ("round", "adversarial", "accuracy", "loss", "eval_n"))
+        line = f"round {rnd:4d}{' [attack]' if row['adversarial'] else '         '}  accuracy={row['accuracy']:.4f}  loss={row['loss']:.4f}  {extra}"
+        if show_lines:
+            progress.console.print(line.rstrip(), highlight=False)
+        progress.update(task, advance=1, status=f"acc {row['accuracy']:.3f}")
+
+    return progress, task, on_round
+
+
+def _summary(result, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="Summary", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("final benign accuracy (full test set)", f"{result.final_accuracy:.4f}")
+    table.add_row("adversarial rounds", ", ".join(map(str, result.adversarial_rounds)) or "none")
+    table.add_row("wall time", f"{result.seconds:.1f} s")
+    console.print(table)
+    if result.mitigation:
+        mt = Table(title="Attack-mitigation rounds (reference section 5; '>k' = censored)", title_justify="left")
+        mt.add_column("attack round", justify="right")
+        mt.add_column("peak success", justify="right")
+        mt.add_column("mitigation rounds", justify="right")
+        for m in result.mitigation:
+            mt.add_row(str(m.attack_round), f"{m.peak:.3f}", str(m))
+        console.print(mt)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
