@@ -229,4 +229,4 @@ def take_fraction(parts: list[torch.Tensor], frac: float) -> list[torch.Tensor]:
     """Keep the first ``ceil(frac * n)`` indices of each client (the authors' code trains on 80%)."""
     if frac >= 1.0:
         return parts
-    return [p[: max(1, math.ceil(frac * len(p)))] for p in parts]
+    return [p[: max(1, math.ceil(round(frac * len(p), 9)))] for p in parts]

@@ -133,8 +133,14 @@ def get_manager() -> pluggy.PluginManager:
             pm.register(ep.load(), name=ep.name)
             _ORIGINS[ep.name] = _dist_label(ep)
         for plugin, name in _extra:
+            if pm.get_plugin(name) is not None:
+                raise FedbenchError(f"a plugin named '{name}' is already loaded (from an entry point); choose another name")
             pm.register(plugin, name=name)
             _ORIGINS[name] = f"{name} (registered directly)"
+        try:
+            pm.check_pending()  # a misspelled hook name is an error, not a silent no-op
+        except pluggy.PluginValidationError as error:
+            raise FedbenchError(f"plugin {error.plugin_name!r}: {error}") from None
         _manager = pm
     return _manager
 
@@ -145,7 +151,7 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
 
     It survives :func:`reset`, so a notebook can register once and keep using the registry."""
     name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-    _extra.append((plugin, name))
+    _extra[:] = [(p, n) for p, n in _extra if n != name] + [(plugin, name)]
     reset()
 
 

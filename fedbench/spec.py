@@ -49,8 +49,10 @@ class ComponentSpec:
         return (reg or registry()).get(self.kind, self.name).param_info()
 
     def build(self, reg: Registry | None = None) -> Any:
-        """A fresh component object for one run."""
-        return (reg or registry()).get(self.kind, self.name)(**dict(self.params))
+        """A fresh component object for one run (parameters re-validated: a spec may come from a store
+        written by another version of the plugin)."""
+        cls = (reg or registry()).get(self.kind, self.name)
+        return cls(**dict(resolve(self.kind, cls, dict(self.params)).params))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "params": dict(self.params)}
@@ -84,7 +86,7 @@ def resolve(kind: str, cls: type[Component], raw: Mapping[str, Any]) -> Componen
             f"{cls.name}: unknown parameter '{unknown[0]}'; "
             f"{'parameters: ' + allowed if allowed else 'it takes no parameters'}"
         )
-    values = {name: info.coerce(cls.name, raw[name]) if name in raw else info.default for name, info in infos.items()}
+    values = {name: info.coerce(cls.name, raw.get(name, info.default)) for name, info in infos.items()}
     cls(**values)  # cross-parameter validation in __post_init__, if the component has any
     return ComponentSpec(kind, cls.name, tuple(sorted(values.items())))
 
@@ -183,6 +185,14 @@ class Scenario:
     eval: str = "auto"  # see fedbench.metrics.EVAL_POLICIES
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if f.type == "int" and float(value).is_integer():
+                    object.__setattr__(self, f.name, int(value))
+                elif f.type == "float":
+                    object.__setattr__(self, f.name, float(value))
+
         def need(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise SpecError(f"scenario: {name}={getattr(self, name)!r} is not allowed; {allowed}")

@@ -163,33 +163,29 @@ class LoopTrainer(Trainer):
         params = [p.unsqueeze(0).clone() for p in self.model.split(global_flat)]  # [1, *shape]
         bufs: list = [None] * len(params)
         active = torch.ones(1, dtype=torch.bool, device=global_flat.device)
+        defenses = _StepDefenses(step_defenses, self.model.is_weight, [job.defense_gen])
         for epoch, batches in enumerate(_batch_plan(job, setup)):
-            prev_grads = prev_updates = None  # WBC's memory is reset every epoch (reference section 3)
+            defenses.new_epoch()  # WBC's memory is reset every epoch (reference section 3)
             for step, idx in enumerate(batches):
                 leaves = [p[0].detach().requires_grad_(True) for p in params]
                 w = torch.full((len(idx),), 1.0 / len(idx), device=job.x.device)
                 loss = objective(lambda x: self.model.call(leaves, x), job.x[idx], job.y[idx], w)
                 grads = [g.unsqueeze(0) for g in torch.autograd.grad(loss, leaves)]
                 params, bufs, updates = _sgd_step(params, grads, bufs, setup)
-                if step_defenses:
-                    state = StepState(
-                        step=step, epoch=epoch, lr=setup.lr, params=params, grads=grads, updates=updates,
-                        prev_grads=prev_grads, prev_updates=prev_updates, is_weight=self.model.is_weight,
-                        generators=[job.defense_gen], active=active,
-                    )
-                    with torch.no_grad():
-                        for defense in step_defenses:
-                            defense.after_step(state)
-                    prev_grads, prev_updates = grads, updates
+                defenses(step, epoch, setup.lr, params, grads, updates, active)
         return self.model.join([p[0] for p in params])
 
 
 class StackedTrainer(Trainer):
-    """The clients of a round trained together: ``vmap`` over stacked parameters and padded batches.
+    """The clients of a round trained together on stacked parameters ``[C, *shape]``.
 
-    Clients with fewer samples get padded index slots whose loss weight is zero, so each client's
-    gradient equals its own minibatch mean exactly; clients with fewer minibatches in an epoch sit
-    out the extra steps (``active`` is false for them: no parameter, momentum or defense change).
+    For the standard objective on models built from conv, linear, pooling, activation and flatten
+    layers, the forward pass is batched by hand (:class:`GroupedForward`: grouped convolutions with
+    the clients on the channel axis, batched matmuls for linear layers) and one backward pass gives
+    every client's gradient -- the cheapest form on a CPU. Other objectives (an attack's) go through
+    ``torch.func.vmap``. Clients with fewer samples get padded index slots whose loss weight is zero,
+    so each client's gradient equals its own minibatch mean exactly; clients with fewer minibatches in
+    an epoch sit out the extra steps (``active`` is false: no parameter, momentum or defense change).
     """
 
     name = "stacked"
@@ -197,6 +193,11 @@ class StackedTrainer(Trainer):
     def __init__(self, model: FlatModel, device="cpu", chunk: int = 10):
         super().__init__(model, device)
         self.chunk = chunk
+        self.grouped = GroupedForward(model)
+
+    @staticmethod
+    def supports(model: FlatModel) -> bool:
+        return GroupedForward.supports(model.module)
 
     def _train(self, global_flat, jobs, setup, step_defenses, objective):
         out = []
@@ -204,37 +205,125 @@ class StackedTrainer(Trainer):
             out.append(self._train_chunk(global_flat, jobs[start : start + self.chunk], setup, step_defenses, objective))
         return torch.cat(out) - global_flat
 
+    def _gradients(self, objective):
+        if objective is cross_entropy:
+
+            def grads_of(params, x, y, w):
+                leaves = [p.detach().requires_grad_(True) for p in params]
+                logits = self.grouped(leaves, x)
+                loss = (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum()
+                return list(torch.autograd.grad(loss, leaves))
+
+            return grads_of
+        per_client = vmap(grad(lambda ps, x, y, w: objective(lambda inp: self.model.call(ps, inp), x, y, w)))
+        return lambda params, x, y, w: list(per_client(params, x, y, w))
+
     def _train_chunk(self, global_flat, jobs, setup, step_defenses, objective):
         c = len(jobs)
         dev = global_flat.device
         plans = [_batch_plan(job, setup) for job in jobs]
         params = [p.unsqueeze(0).repeat(c, *([1] * p.dim())) for p in self.model.split(global_flat)]
         bufs: list = [None] * len(params)
-        grad_fn = vmap(grad(lambda ps, x, y, w: objective(lambda inp: self.model.call(ps, inp), x, y, w)))
+        grads_of = self._gradients(objective)
         n_max = max(len(job.y) for job in jobs)
         xs = torch.stack([_pad_rows(job.x, n_max) for job in jobs])  # [C, n_max, ...]
         ys = torch.stack([_pad_rows(job.y, n_max) for job in jobs])
+        defenses = _StepDefenses(step_defenses, self.model.is_weight, [job.defense_gen for job in jobs])
         for epoch in range(setup.epochs):
             batches = [plan[epoch] for plan in plans]
-            n_steps = max(len(b) for b in batches)
-            prev_grads = prev_updates = None
-            for step in range(n_steps):
-                idx, w, active = _stack_batch(batches, step, setup.batch_size, dev)
+            defenses.new_epoch()
+            for step in range(max(len(b) for b in batches)):
+                idx, w, active = _stack_batch(batches, step, dev)
                 xb = torch.gather(xs, 1, idx.view(c, -1, *([1] * (xs.dim() - 2))).expand(c, idx.shape[1], *xs.shape[2:]))
                 yb = torch.gather(ys, 1, idx)
-                grads = list(grad_fn(params, xb, yb, w))
+                grads = grads_of(params, xb, yb, w)
                 params, bufs, updates = _sgd_step(params, grads, bufs, setup, active)
-                if step_defenses:
-                    state = StepState(
-                        step=step, epoch=epoch, lr=setup.lr, params=params, grads=grads, updates=updates,
-                        prev_grads=prev_grads, prev_updates=prev_updates, is_weight=self.model.is_weight,
-                        generators=[job.defense_gen for job in jobs], active=active,
-                    )
-                    with torch.no_grad():
-                        for defense in step_defenses:
-                            defense.after_step(state)
-                    prev_grads, prev_updates = grads, updates
+                defenses(step, epoch, setup.lr, params, grads, updates, active)
         return self.model.join(params, lead=1)
+
+
+class _StepDefenses:
+    """Calls the per-step client defenses with this and the previous iteration's gradients and
+    updates (the memory FL-WBC needs; reset at every local epoch)."""
+
+    def __init__(self, defenses, is_weight, generators):
+        self.defenses, self.is_weight, self.generators = list(defenses), is_weight, generators
+        self.prev_grads = self.prev_updates = None
+
+    def new_epoch(self) -> None:
+        self.prev_grads = self.prev_updates = None
+
+    def __call__(self, step, epoch, lr, params, grads, updates, active) -> None:
+        if not self.defenses:
+            return
+        state = StepState(
+            step=step, epoch=epoch, lr=lr, params=params, grads=grads, updates=updates,
+            prev_grads=self.prev_grads, prev_updates=self.prev_updates, is_weight=self.is_weight,
+            generators=self.generators, active=active,
+        )
+        with torch.no_grad():
+            for defense in self.defenses:
+                defense.after_step(state)
+        self.prev_grads, self.prev_updates = grads, updates
+
+
+class GroupedForward:
+    """The forward pass of C copies of a ``nn.Sequential`` model with C parameter sets, batched by hand.
+
+    Inputs ``x [C, b, ...]`` -> logits ``[C, b, K]``. Convolutional stages run in a "grouped" layout
+    ``[b, C * channels, H, W]`` (client c owns channels ``c*ch .. (c+1)*ch``), so a convolution of all
+    clients is one grouped convolution and pooling/activations need no reshaping; linear stages run
+    in a "batched" layout ``[C, b, features]`` with one batched matmul.
+    """
+
+    _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Identity)
+    _POOL = (nn.MaxPool2d, nn.AvgPool2d)
+
+    def __init__(self, model: FlatModel):
+        self.ok = self.supports(model.module)
+        index = {name: i for i, name in enumerate(model.names)}
+        self.layers = []
+        if self.ok:
+            for j, layer in enumerate(model.module):
+                self.layers.append((layer, index.get(f"{j}.weight"), index.get(f"{j}.bias")))
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        if not isinstance(module, nn.Sequential) or any(True for _ in module.buffers()):
+            return False
+        for layer in module:
+            if isinstance(layer, nn.Conv2d):
+                if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                    return False
+            elif isinstance(layer, nn.Flatten):
+                if layer.start_dim != 1 or layer.end_dim != -1:
+                    return False
+            elif not isinstance(layer, (nn.Linear, *cls._ELEMENTWISE, *cls._POOL)):
+                return False
+        return True
+
+    def __call__(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        c, b = x.shape[:2]
+        h, grouped = x, False
+        for layer, wi, bi in self.layers:
+            if isinstance(layer, nn.Conv2d):
+                if not grouped:
+                    h, grouped = h.transpose(0, 1).reshape(b, c * h.shape[2], *h.shape[3:]), True
+                weight = params[wi].reshape(-1, *params[wi].shape[2:])
+                bias = params[bi].reshape(-1) if bi is not None else None
+                h = F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, c * layer.groups)
+            elif isinstance(layer, nn.Linear):
+                if grouped:
+                    h, grouped = h.reshape(b, c, -1).transpose(0, 1), False
+                weight_t = params[wi].transpose(1, 2)
+                h = torch.baddbmm(params[bi].unsqueeze(1), h, weight_t) if bi is not None else torch.bmm(h, weight_t)
+            elif isinstance(layer, nn.Flatten):
+                h, grouped = (h.reshape(b, c, -1).transpose(0, 1) if grouped else h.flatten(2)), False
+            elif isinstance(layer, self._POOL) and not grouped:
+                h = layer(h.flatten(0, 1)).unflatten(0, (c, b))
+            else:
+                h = layer(h)
+        return h.reshape(b, c, -1).transpose(0, 1) if grouped else h
 
 
 def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -243,7 +332,7 @@ def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((n - len(t), *t.shape[1:]))])
 
 
-def _stack_batch(batches, step, batch_size, device):
+def _stack_batch(batches, step, device):
     """Index slots [C, b], loss weights [C, b] (1/len for real samples, 0 for padding), active [C]."""
     c = len(batches)
     width = max(len(b[step]) for b in batches if step < len(b))
