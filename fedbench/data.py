@@ -75,11 +75,20 @@ class Digits(Dataset):
         return DatasetTensors(x[train], y[train], x[test], y[test], num_classes=10)
 
 
-def _missing(name: str, root: Path, layout: str, error: Exception) -> DataError:
-    return DataError(
-        f"{name}: files not found under {root} and the download failed ({type(error).__name__}: {error}). "
-        f"Place them as {layout} under a folder and pass it with --data-dir or FEDBENCH_DATA_DIR."
-    )
+def _torchvision_splits(dataset_cls, name: str, root: Path, layout: str):
+    """Train and test splits of a torchvision dataset: the files already there, else a download; when
+    both fail (no network), a :class:`DataError` that says where fedbench looked and what to place."""
+    try:
+        return dataset_cls(str(root), train=True, download=False), dataset_cls(str(root), train=False, download=False)
+    except RuntimeError:
+        pass
+    try:
+        return dataset_cls(str(root), train=True, download=True), dataset_cls(str(root), train=False, download=True)
+    except Exception as error:  # noqa: BLE001 - any download failure becomes advice
+        raise DataError(
+            f"{name}: files not found under {root} and the download failed ({type(error).__name__}: {error}). "
+            f"Place them as {layout} under a folder and pass it with --data-dir or FEDBENCH_DATA_DIR."
+        ) from None
 
 
 @dataclass(kw_only=True)
@@ -93,15 +102,7 @@ class FashionMNIST(Dataset):
         from torchvision import datasets
 
         root = resolve_data_dir(data_dir)
-        try:
-            train = datasets.FashionMNIST(str(root), train=True, download=False)
-            test = datasets.FashionMNIST(str(root), train=False, download=False)
-        except RuntimeError:
-            try:
-                train = datasets.FashionMNIST(str(root), train=True, download=True)
-                test = datasets.FashionMNIST(str(root), train=False, download=True)
-            except Exception as error:  # noqa: BLE001 - any download failure becomes advice
-                raise _missing(self.name, root, "FashionMNIST/raw/*-ubyte (torchvision's layout)", error) from None
+        train, test = _torchvision_splits(datasets.FashionMNIST, self.name, root, "FashionMNIST/raw/*-ubyte (torchvision's layout)")
 
         def tensors(split):
             return split.data.unsqueeze(1).float() / 255.0, split.targets.long()
@@ -134,13 +135,9 @@ class Cifar10(Dataset):
     def _torchvision(self, root: Path):
         from torchvision import datasets
 
-        try:
-            train = datasets.CIFAR10(str(root), train=True, download=True)
-            test = datasets.CIFAR10(str(root), train=False, download=True)
-        except Exception as error:  # noqa: BLE001
-            raise _missing(
-                self.name, root, "cifar-10-batches-py/ (torchvision's layout) or cifar10-jpeg/cifar10_jpeg_bytes.npz", error
-            ) from None
+        train, test = _torchvision_splits(
+            datasets.CIFAR10, self.name, root, "cifar-10-batches-py/ (torchvision's layout) or cifar10-jpeg/cifar10_jpeg_bytes.npz"
+        )
 
         def tensors(split):
             x = torch.from_numpy(split.data).permute(0, 3, 1, 2).float() / 255.0

@@ -1,0 +1,90 @@
+"""Local training cost: stacked vs loop trainer vs the big-batch ceiling; FL-WBC overhead; evaluation.
+
+Targets (issue 6, 2-core CPU): stacked <= 1.1x ceiling, loop/stacked >= 1.25 (paper round) and >= 2
+(reference-code round); wbc round <= 1.15x undefended; evaluation at defaults <= 0.15x a round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import best_times, jobs, report
+from fedbench.metrics import AUTO_SUBSET, evaluate
+from fedbench.training import LocalSetup, LoopTrainer, StackedTrainer
+
+PAPER = LocalSetup(epochs=1, batch_size=32, lr=0.01)
+#: The authors' code: 10 epochs, batch 10, momentum 0.5 on 80% of 600 images. Two epochs are timed
+#: (the cost is linear in epochs; the ratio is what matters).
+REFERENCE_CODE = LocalSetup(epochs=2, batch_size=10, lr=0.01, momentum=0.5)
+
+
+def _ceiling(model, x, y, setup):
+    """One model on batches of 10 x batch_size: the same FLOPs as a round, not the same math."""
+    module = model.module
+    opt = torch.optim.SGD(module.parameters(), lr=setup.lr, momentum=setup.momentum)
+    xx, yy = x.flatten(0, 1), y.flatten()
+    big = setup.batch_size * len(x)
+    for _ in range(setup.epochs):
+        for start in range(0, len(yy), big):
+            opt.zero_grad()
+            F.cross_entropy(module(xx[start : start + big]), yy[start : start + big]).backward()
+            opt.step()
+
+
+def test_paper_round_stacked_vs_loop_vs_ceiling(benchmark, fmnist_round):
+    model, x, y = fmnist_round
+    g = model.flatten()
+    stacked, loop = StackedTrainer(model), LoopTrainer(model)
+    times = best_times({
+        "stacked": lambda: stacked.train(g, jobs(x, y), PAPER),
+        "loop": lambda: loop.train(g, jobs(x, y), PAPER),
+        "ceiling": lambda: _ceiling(model, x, y, PAPER),
+    })
+    report(benchmark, "paper round (10 clients x 600, batch 32)", times,
+           {"loop/stacked": ("loop", "stacked"), "stacked/ceiling": ("stacked", "ceiling")})
+    benchmark.pedantic(lambda: stacked.train(g, jobs(x, y), PAPER), rounds=1, iterations=1)
+
+
+def test_reference_code_round_stacked_vs_loop(benchmark, fmnist_round):
+    model, x, y = fmnist_round
+    g = model.flatten()
+    stacked, loop = StackedTrainer(model), LoopTrainer(model)
+    times = best_times({
+        "stacked": lambda: stacked.train(g, jobs(x, y, 480), REFERENCE_CODE),
+        "loop": lambda: loop.train(g, jobs(x, y, 480), REFERENCE_CODE),
+    }, repeats=1)
+    report(benchmark, "reference-code round (10 clients x 480, batch 10, momentum 0.5; 2 of 10 epochs)", times,
+           {"loop/stacked": ("loop", "stacked")})
+    benchmark.pedantic(lambda: stacked.train(g, jobs(x, y, 480), REFERENCE_CODE), rounds=1, iterations=1)
+
+
+def test_wbc_overhead(benchmark, fmnist_round):
+    import fedbench
+
+    model, x, y = fmnist_round
+    g = model.flatten()
+    stacked = StackedTrainer(model)
+    wbc = [fedbench.parse_component("defense", "wbc:s=0.4").build()]
+    times = best_times({
+        "undefended": lambda: stacked.train(g, jobs(x, y), PAPER),
+        "wbc": lambda: stacked.train(g, jobs(x, y), PAPER, defenses=wbc),
+    })
+    report(benchmark, "paper round with wbc:s=0.4", times, {"wbc/undefended": ("wbc", "undefended")})
+    benchmark.pedantic(lambda: stacked.train(g, jobs(x, y), PAPER, defenses=wbc), rounds=1, iterations=1)
+
+
+def test_evaluation_cost_vs_round(benchmark, fmnist_round):
+    model, x, y = fmnist_round
+    g = model.flatten()
+    stacked = StackedTrainer(model)
+    test_x, test_y = torch.randn(10_000, 1, 28, 28), torch.randint(0, 10, (10_000,))
+    forward = model.forward(g)
+    times = best_times({
+        "round": lambda: stacked.train(g, jobs(x, y), PAPER),
+        "eval_auto": lambda: evaluate(forward, test_x[:AUTO_SUBSET], test_y[:AUTO_SUBSET]),
+        "eval_full": lambda: evaluate(forward, test_x, test_y),
+    })
+    report(benchmark, "evaluation vs a paper round", times,
+           {"eval_auto/round": ("eval_auto", "round"), "eval_full/round": ("eval_full", "round")})
+    benchmark.pedantic(lambda: evaluate(forward, test_x[:AUTO_SUBSET], test_y[:AUTO_SUBSET]), rounds=1, iterations=1)
