@@ -42,10 +42,17 @@ def run_cell(cell: CellSpec, **kwargs: Any):
     return _run(cell, **kwargs)
 
 
+def load_results(store: str = "fedbench-runs.db"):
+    """``(leaderboard, per-round metrics)`` DataFrames of a result store; see :mod:`fedbench.leaderboard`."""
+    from fedbench.leaderboard import load_results as _load
+
+    return _load(store)
+
+
 __all__ = [
     "Aggregator", "Attack", "AttackEnv", "CellSpec", "ClientDefense", "ComponentSpec", "DataError", "Dataset",
     "DatasetTensors", "DefenseStack", "FedbenchError", "MaliciousRound", "Model", "Partition", "Range",
-    "Scenario", "SpecError", "StepState", "UnknownComponentError", "hookimpl", "make_cell", "param",
+    "Scenario", "SpecError", "StepState", "UnknownComponentError", "hookimpl", "load_results", "make_cell", "param",
     "parse_component", "parse_defense", "register_plugin", "registry", "run_cell", "unregister_plugin",
     "__version__",
 ]

@@ -57,6 +57,7 @@ def list_cmd(kind: str | None) -> None:
 
     ``defenses`` shows client defenses and aggregators, since both go into a defense stack."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fedbench.plugins import registry
@@ -82,7 +83,7 @@ def list_cmd(kind: str | None) -> None:
                 if entry.cls.scenario_defaults:
                     extra += "; scenario: " + ", ".join(f"{a}={b}" for a, b in entry.cls.scenario_defaults.items())
                 desc += extra + "]"
-            table.add_row(name, params, desc, entry.origin)
+            table.add_row(escape(name), escape(params), escape(desc), escape(entry.origin))
         console.print(table)
 
 
@@ -183,7 +184,7 @@ def run(attack, defense, seed, as_json, quiet, **opts) -> None:
         sys.exit(130)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-        return
+        sys.exit(0 if result.status == "ok" else 1)
     if not quiet:
         _summary(result, out)
     if result.status != "ok":
@@ -228,6 +229,186 @@ def _summary(result, console) -> None:
         for m in result.mitigation:
             mt.add_row(str(m.attack_round), f"{m.peak:.3f}", str(m))
         console.print(mt)
+
+
+# --------------------------------------------------------------------------------------------------
+# matrix
+# --------------------------------------------------------------------------------------------------
+def _load_config(ctx, param, value):
+    """``--config grid.toml``: the file's keys become the command's defaults; options given on the
+    command line still win. Keys are option names (``attacks``, ``seeds``, ``attack-rounds``, ...)."""
+    if value is None:
+        return None
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise click.BadParameter("reading TOML needs Python 3.11+ (or pip install tomli)") from None
+    try:
+        with open(value, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise click.BadParameter(f"cannot read {value}: {error}") from None
+    data = data.get("matrix", data)
+    names: dict[str, str] = {}
+    for p in ctx.command.params:
+        names[p.name] = p.name
+        for opt in p.opts:
+            names[opt.lstrip("-").replace("-", "_")] = p.name
+    names.pop("config", None)
+    defaults = {}
+    for key, val in data.items():
+        name = names.get(key.replace("-", "_"))
+        if name is None:
+            known = sorted(k for k in names if k not in ("h", "help", "config"))
+            raise click.BadParameter(f"unknown key '{key}' in {value}; known keys: {', '.join(known)}")
+        if isinstance(val, list):
+            val = ",".join(str(v) for v in val)
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+@main.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
+              expose_value=False, help="A TOML file with the grid: keys are this command's options "
+                                       "(attacks = [\"poison\"], seeds = [0, 1], dataset = \"fmnist\", ...).")
+@click.option("--attacks", required=True, help="Attack specs, comma-separated, e.g. poison,backdoor:target=1 "
+                                               "(a k=v item continues the previous spec).")
+@click.option("--defenses", required=True, help="Defense stacks, comma-separated, e.g. wbc,cma,ctma:beta=0.4,cma+wbc.")
+@click.option("--seeds", default="0", show_default=True, help="Seeds, e.g. 0,1,2 or 0-4.")
+@scenario_options
+@click.option("--warmup-rounds", type=int, default=0, show_default=True,
+              help="Opt-in warm start: W rounds of clean FedAvg shared by all cells of a seed, then attacks and "
+                   "defenses from round W+1. 0 = the paper's protocol (attacks from round 1).")
+@click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False),
+              help="The SQLite result store; finished cells in it are skipped.")
+@click.option("--jobs", type=int, default=None, help="Cells run at once [default: number of cores]; 1 = in this process.")
+@click.option("--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
+              help="process: local worker processes; ray: Ray tasks (pip install 'fedbench-suite[ray]').")
+@click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed.")
+@click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
+@click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
+@click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
+def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, ray_address, retry_failed, force,
+           csv_path, dry_run, quiet, **opts) -> None:
+    """Run a grid of cells (attacks x defense stacks x seeds, plus the clean and undefended reference
+    cells) into a result store and print the leaderboard.
+
+    --dataset and --partition also take comma-separated lists (one leaderboard each)."""
+    import importlib.util
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from fedbench import leaderboard as lb
+    from fedbench import matrix as mx
+    from fedbench import store as st
+
+    kw = cell_kwargs(opts)
+    datasets, partitions = mx.split_list(kw.pop("dataset")), mx.split_list(kw.pop("partition"))
+    cells = mx.expand(attacks=mx.split_list(attacks), defenses=mx.split_list(defenses), seeds=mx.parse_seeds(seeds),
+                      datasets=datasets, partitions=partitions, warmup_rounds=warmup_rounds, **kw)
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise FedbenchError("--executor ray needs Ray, which is not installed; install it with "
+                            "pip install 'fedbench-suite[ray]', or use --executor process")
+    if warmup_rounds:
+        mx.require_warm_start()
+    if jobs is not None and jobs < 1:
+        raise FedbenchError(f"--jobs {jobs} is not allowed; need at least 1")
+    out, err = _wide_console(), Console(stderr=True)
+
+    if dry_run:
+        known = {}
+        if Path(store_path).exists():
+            with st.Store.read(store_path) as store:
+                known = store.statuses(mc.key for mc in cells)
+        for mc in cells:
+            click.echo(f"{mc.key}  {known.get(mc.key, 'new'):<11}  {mc.label()}")
+        click.echo(f"{len(cells)} cells", err=True)
+        return
+
+    if quiet:
+        progress = mx.Progress()
+    elif err.is_terminal:
+        progress = mx.RichProgress(err)
+    else:
+        progress = mx.PlainProgress(lambda line: click.echo(line, err=True))
+    with st.lock(store_path), st.Store.open(store_path) as store:
+        try:
+            report = mx.run_matrix(cells, store, jobs=jobs, executor=executor, ray_address=ray_address,
+                                   data_dir=opts["data_dir"], device=opts["device"], trainer=opts["trainer"],
+                                   retry_failed=retry_failed, force=force, progress=progress)
+        except KeyboardInterrupt:
+            done = sum(1 for s in store.statuses(mc.key for mc in cells).values() if s in st.FINISHED)
+            click.echo(f"interrupted: {done} of {len(cells)} cells are finished and kept in {store_path}; "
+                       "run the same command again to resume", err=True)
+            sys.exit(130)
+        frame = lb.cell_frame(store, report.keys)
+    board = lb.build(frame)
+    for renderable in lb.rich_tables(board, frame):
+        out.print(renderable)
+    if csv_path:
+        Path(csv_path).write_text(lb.render(board, "csv"))
+    if not quiet:
+        err.print(f"{report.ran} cells run in {report.seconds:.1f} s, {report.skipped} taken from {store_path}", highlight=False)
+    unfinished = report.count("failed") + report.count("interrupted")
+    if unfinished:
+        err.print(f"[red]{unfinished} cell(s) did not finish (see the notes above); "
+                  "re-run to resume (--retry-failed for failed ones)[/]")
+        sys.exit(1)
+
+
+def _wide_console():
+    """A console for leaderboards: at least 120 columns in a terminal, unlimited in a pipe or file
+    (tables take only the width they need), so wide tables are never squeezed."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal and console.width >= 120 else Console(width=120 if console.is_terminal else 400)
+
+
+# --------------------------------------------------------------------------------------------------
+# leaderboard
+# --------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json", "html", "latex"]), default=None,
+              help="table (terminal) | md | csv | json | html | latex [default: from --output's extension, else table].")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to this file instead of stdout.")
+def leaderboard(store_path, fmt, output) -> None:
+    """Re-render the leaderboard of a result store (nothing is re-run)."""
+    from pathlib import Path
+
+    from fedbench import leaderboard as lb
+    from fedbench.store import Store
+
+    if fmt is None:
+        suffixes = {".md": "md", ".csv": "csv", ".json": "json", ".html": "html", ".htm": "html", ".tex": "latex"}
+        fmt = suffixes.get(Path(output).suffix.lower(), None) if output else "table"
+        if fmt is None:
+            raise FedbenchError(f"cannot tell the format of {output}; give --format md|csv|json|html|latex")
+    if fmt == "table" and output:
+        raise FedbenchError("--format table is for the terminal; give --format md|csv|json|html|latex with --output")
+    with Store.read(store_path) as store:
+        frame = lb.cell_frame(store)
+    board = lb.build(frame)
+    if fmt == "table":
+        console = _wide_console()
+        if board.empty:
+            console.print(f"no cells in {store_path}")
+        for renderable in lb.rich_tables(board, frame):
+            console.print(renderable)
+        return
+    text = lb.render(board, fmt, frame)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,7 @@ class RunResult:
     seconds: float
     message: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    final_params: torch.Tensor | None = field(default=None, repr=False)  # flat, on the CPU; not in to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +99,8 @@ def run_cell(
     device: str = "cpu",
     trainer: str = "stacked",
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    initial_params: torch.Tensor | None = None,
+    start_round: int = 1,
 ) -> RunResult:
     """Run one cell and return its metrics. Deterministic on CPU for a given cell and trainer."""
     started = time.perf_counter()
@@ -135,17 +138,21 @@ def run_cell(
     model = FlatModel(module.to(dev))
     train = _trainer(trainer, model, dev)
     global_flat = model.flatten().to(dev)
+    if initial_params is not None:  # a warm start (fedbench.matrix): continue from a checkpoint
+        if tuple(initial_params.shape) != tuple(global_flat.shape):
+            raise FedbenchError(f"initial parameters have shape {tuple(initial_params.shape)}, the model needs {tuple(global_flat.shape)}")
+        global_flat = initial_params.to(device=dev, dtype=global_flat.dtype).clone()
     setup = LocalSetup(sc.local_epochs, sc.batch_size, sc.lr, sc.momentum)
     train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
     sizes = torch.tensor([len(p) for p in parts], dtype=torch.float32, device=dev)
 
-    schedule = attack_schedule(sc, cell.rounds, seed, attack.active)
+    schedule = [r for r in attack_schedule(sc, cell.rounds, seed, attack.active) if r >= start_round]
     adversarial_set = set(schedule)
     series: list[dict[str, Any]] = []
     timings = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
     status, message = "ok", ""
 
-    for rnd in range(1, cell.rounds + 1):
+    for rnd in range(start_round, cell.rounds + 1):
         adversarial = rnd in adversarial_set
         benign_ids, malicious_ids = select_clients(sc, n_mal, rnd, adversarial, seed)
 
@@ -207,7 +214,8 @@ def run_cell(
             status, message = "diverged", f"non-finite loss or parameters in round {rnd}"
             break
 
-    mitigation = mitigation_rounds(series, schedule, attack.mitigated) if status == "ok" else []
+    padded = [{}] * (start_round - 1) + series  # mitigation_rounds indexes series[round - 1]
+    mitigation = mitigation_rounds(padded, schedule, attack.mitigated) if status == "ok" else []
     return RunResult(
         cell=cell,
         status=status,
@@ -218,6 +226,7 @@ def run_cell(
         seconds=time.perf_counter() - started,
         message=message,
         timings=timings,
+        final_params=global_flat.detach().cpu(),
     )
 
 

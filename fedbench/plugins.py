@@ -155,6 +155,12 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
     reset()
 
 
+def registered_plugins() -> list[tuple[Any, str]]:
+    """``(plugin, name)`` of every plugin added with :func:`register_plugin` (e.g. so the matrix
+    runner can register them again in its worker processes)."""
+    return list(_extra)
+
+
 def unregister_plugin(name: str) -> None:
     """Remove a plugin added by :func:`register_plugin`."""
     _extra[:] = [(p, n) for p, n in _extra if n != name]

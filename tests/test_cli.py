@@ -71,9 +71,6 @@ def test_list_datasets_shows_parameters_and_origin():
     assert row.rstrip("│ ").endswith("fedbench (core)")
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: cli.list_cmd appends ' [model: ...; scenario: ...]' to the "
-                                       "description, and rich parses the brackets as a markup tag and drops them, so "
-                                       "`fedbench list datasets` never shows a dataset's model or scenario defaults")
 def test_list_datasets_shows_default_model_and_scenario_defaults():
     result = invoke("list", "datasets")
     row = row_of(result.stdout, "digits")

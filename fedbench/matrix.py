@@ -1,0 +1,810 @@
+"""The matrix: a grid of cells (attacks x defense stacks x seeds), run in parallel into the result store.
+
+Grid expansion (:func:`expand`) always adds the reference cells a reader needs: the clean run (attack
+``none``) of every defense stack, which measures its accuracy cost, and the undefended run
+(``fedavg``) of every attack -- so the grid is (attacks + ``none``) x (defenses + ``fedavg``) for each
+seed, dataset and partition. Every cell is validated before the first one runs.
+
+Execution (:func:`run_matrix`): the driver process owns the store (:mod:`fedbench.store`) and is its
+only writer. It hands at most ``jobs`` cells at a time to workers -- the driver itself for
+``jobs=1``, spawned processes, or Ray tasks -- and records each outcome as it arrives, so a crash or
+Ctrl-C loses only the cells in flight. Workers catch every exception of a cell and return it as a
+``failed`` outcome; the matrix goes on. The engine is deterministic per cell, so where a cell runs
+does not change its numbers.
+
+Shared warm start (``warmup_rounds=W``, opt-in): every group of cells with the same dataset,
+partition, model, scenario and seed first needs W rounds of clean FedAvg. That checkpoint is a cell
+of its own (attack ``none``, defense ``fedavg``, W rounds), computed once, stored by its hash and
+loaded with ``torch.load(weights_only=True)``; the cells then run rounds W+1.. from it. It is not
+the paper's protocol (the paper attacks from round 1), so it is off by default and folded into the
+cells' keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import re
+import socket
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Sequence
+
+from fedbench.errors import FedbenchError, SpecError
+from fedbench.spec import CellSpec, make_cell, parse_component, parse_defense
+from fedbench.store import FINISHED, Store
+
+EXECUTORS = ("process", "ray")
+
+
+# --------------------------------------------------------------------------------------------------
+# Grid expansion
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MatrixCell:
+    """A cell of the matrix: a :class:`CellSpec` and the warm-up rounds it starts after.
+
+    ``key`` is the cell's hash, folded with ``warmup_rounds`` when that is not 0 (a warm-started cell
+    is a different experiment from the same spec run from round 1)."""
+
+    cell: CellSpec
+    warmup_rounds: int = 0
+
+    @property
+    def key(self) -> str:
+        if not self.warmup_rounds:
+            return self.cell.hash()
+        return hashlib.sha256(f"{self.cell.hash()}+warmup={self.warmup_rounds}".encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        return self.cell.label() + (f" warm-up={self.warmup_rounds}" if self.warmup_rounds else "")
+
+    def warmup_cell(self) -> CellSpec | None:
+        """The clean FedAvg cell whose final model this cell starts from (``None`` without warm-up)."""
+        if not self.warmup_rounds:
+            return None
+        none = parse_component("attack", "none")
+        return replace(self.cell, attack=none, defense=parse_defense("fedavg"), rounds=self.warmup_rounds)
+
+    def rounds_to_run(self) -> int:
+        return self.cell.rounds - self.warmup_rounds
+
+    def setting(self) -> str:
+        """The key of the leaderboard this cell belongs to: a hash of everything but attack, defense
+        and seed (cells that differ only in those are comparable)."""
+        data = {k: v for k, v in self.cell.to_dict().items() if k not in ("attack", "defense", "seed")}
+        data["warmup_rounds"] = self.warmup_rounds
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    def setting_label(self) -> str:
+        """The setting in words, protocol first: what a leaderboard states about how it was produced."""
+        c, sc = self.cell, self.cell.scenario
+        if self.warmup_rounds:
+            protocol = (f"warm start: {self.warmup_rounds} rounds of clean FedAvg, then attacks and defenses from "
+                        f"round {self.warmup_rounds + 1} (not the paper's protocol)")
+        else:
+            protocol = "attacks and defenses from round 1"
+        schedule = (f"attack rounds {','.join(map(str, sc.attack_rounds))}" if sc.attack_rounds is not None
+                    else f"attack probability {sc.attack_prob:g}")
+        parts = [
+            f"protocol {c.protocol} ({protocol})",
+            f"{c.dataset}, partition {c.partition}, model {c.model}, {c.rounds} rounds",
+            f"{sc.num_clients} clients ({sc.num_malicious} malicious, {sc.clients_per_round} per round), {schedule}",
+            f"{sc.local_epochs} local epoch{'s' if sc.local_epochs != 1 else ''}, batch {sc.batch_size}, "
+            f"lr {sc.lr:g}, momentum {sc.momentum:g}"
+            + (f", {sc.client_data_frac:g} of client data" if sc.client_data_frac != 1 else "")
+            + (f", eval {sc.eval}" if sc.eval != "auto" else ""),
+        ]
+        return "; ".join(parts)
+
+    def info(self) -> dict[str, Any]:
+        """The labels the store keeps beside the spec (so reading a store needs no plugin)."""
+        return {"cell_hash": self.cell.hash(), "label": self.label(), "dataset": str(self.cell.dataset),
+                "partition": str(self.cell.partition), "model": str(self.cell.model), "attack": str(self.cell.attack),
+                "defense": str(self.cell.defense), "seed": self.cell.seed, "setting": self.setting(),
+                "setting_label": self.setting_label()}
+
+
+def split_list(text: str | Sequence[str] | None) -> list[str]:
+    """Split a comma-separated list of specs; a ``k=v`` item continues the previous spec's parameters.
+
+    ``"poison:images=10,lam=0.5,backdoor"`` -> ``["poison:images=10,lam=0.5", "backdoor"]``.
+    A sequence (a repeated option, a TOML list) is split item by item."""
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        return [item for part in text for item in split_list(part)]
+    items: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece.split("=", 1)[0] and items and ":" in items[-1].split("+")[-1]:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    return items
+
+
+def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
+    """``"0,1,2"``, ``"0-4"`` (inclusive) or a list of ints -> seeds in order, without repeats."""
+    if isinstance(text, int):
+        return [text]
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else map(str, text)) if p.strip()]
+    seeds: list[int] = []
+    for part in parts:
+        span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        try:
+            seeds.extend(range(int(span[1]), int(span[2]) + 1) if span else [int(part)])
+        except ValueError:
+            raise SpecError(f"seeds: expected integers like 0,1,2 or a range like 0-4, got {part!r}") from None
+    if not seeds:
+        raise SpecError("seeds: need at least one seed")
+    return list(dict.fromkeys(seeds))
+
+
+def expand(
+    *,
+    attacks: Sequence[str],
+    defenses: Sequence[str],
+    seeds: Sequence[int] = (0,),
+    datasets: Sequence[str] = ("digits",),
+    partitions: Sequence[str] = ("iid",),
+    warmup_rounds: int = 0,
+    **cell_kwargs: Any,
+) -> list[MatrixCell]:
+    """Every cell of the grid, reference cells included, each validated (:func:`make_cell`).
+
+    For each dataset, partition and seed: (``attacks`` + ``none``) x (``defenses`` + ``fedavg``).
+    Cells that resolve to the same spec (``wbc`` and ``wbc:s=0.4``) appear once. Unknown names raise
+    a :class:`SpecError` listing the known ones before any cell is built."""
+    attacks, defenses = list(attacks), list(defenses)
+    if not attacks:
+        raise SpecError("matrix: name at least one attack (--attacks), e.g. poison")
+    if not defenses:
+        raise SpecError("matrix: name at least one defense stack (--defenses), e.g. wbc,cma")
+    for text in attacks:
+        parse_component("attack", text)
+    for text in defenses:
+        parse_defense(text)
+    if not isinstance(warmup_rounds, int) or warmup_rounds < 0:
+        raise SpecError(f"warmup_rounds={warmup_rounds!r} is not allowed; need an integer >= 0")
+
+    attack_axis = list(dict.fromkeys(["none", *attacks]))
+    defense_axis = list(dict.fromkeys(["fedavg", *defenses]))
+    cells: dict[str, MatrixCell] = {}
+    for dataset, partition, seed in itertools.product(datasets, partitions, seeds):
+        for attack, defense in itertools.product(attack_axis, defense_axis):
+            cell = make_cell(dataset=dataset, partition=partition, attack=attack, defense=defense, seed=seed, **cell_kwargs)
+            mc = MatrixCell(cell, warmup_rounds)
+            cells.setdefault(mc.key, mc)
+    out = list(cells.values())
+    if warmup_rounds:
+        _check_warmup(out)
+    return out
+
+
+def _check_warmup(cells: Iterable[MatrixCell]) -> None:
+    for mc in cells:
+        w, cell = mc.warmup_rounds, mc.cell
+        if w >= cell.rounds:
+            raise SpecError(f"--warmup-rounds {w} leaves no round to attack in a {cell.rounds}-round run; need W < rounds")
+        early = [r for r in (cell.scenario.attack_rounds or ()) if r <= w]
+        if early:
+            raise SpecError(
+                f"attack round {early[0]} falls in the warm-up (rounds 1..{w}); with --warmup-rounds {w} "
+                f"attacks start at round {w + 1}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker side: one task in, one plain-data outcome out
+# --------------------------------------------------------------------------------------------------
+_progress_queue = None  # set in worker processes by _init_worker
+
+
+def versions() -> dict[str, Any]:
+    """What produced a result: fedbench, torch, Python and every loaded plugin."""
+    import torch
+
+    from fedbench import __version__
+    from fedbench.plugins import plugin_versions
+
+    return {"fedbench": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "plugins": plugin_versions()}
+
+
+def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Run one task (a cell, or the clean warm-up a group of cells shares) and return its outcome.
+
+    Never raises for a problem of the cell: the exception becomes a ``failed`` outcome with its
+    message and traceback. ``on_round(key, round)`` reports progress; in a worker process the rounds
+    go to the driver through the progress queue."""
+    import io
+
+    import torch
+
+    from fedbench import engine
+
+    key = task["key"]
+    if _worker_error is not None:
+        return {"key": key, "status": "failed", "message": _worker_error, "error": "", "result": None,
+                "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    report = on_round
+    if report is None and _progress_queue is not None:
+        queue = _progress_queue
+        report = lambda k, r: queue.put((k, r))  # noqa: E731
+    outcome: dict[str, Any] = {"key": key, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    try:
+        cell = CellSpec.from_dict(task["cell"])
+        kwargs: dict[str, Any] = {"data_dir": task.get("data_dir"), "device": task.get("device", "cpu"),
+                                  "trainer": task.get("trainer", "stacked")}
+        if report is not None:
+            kwargs["on_round"] = lambda rnd, row: report(key, rnd)
+        if task.get("checkpoint") is not None:
+            state = torch.load(io.BytesIO(task["checkpoint"]), weights_only=True)
+            kwargs.update(initial_params=state["params"], start_round=task["warmup_rounds"] + 1)
+        result = engine.run_cell(cell, **kwargs)
+        outcome.update(status=result.status, message=result.message, result=result.to_dict())
+        if task["kind"] == "warmup":
+            if result.status != "ok":
+                raise FedbenchError(f"the clean warm-up diverged: {result.message}")
+            buffer = io.BytesIO()
+            torch.save({"params": result.final_params.detach().cpu().clone()}, buffer)
+            outcome["checkpoint"] = buffer.getvalue()
+    except Exception as error:  # noqa: BLE001 - a failing cell must not stop the matrix
+        first = (str(error).strip().splitlines() or [""])[0]
+        outcome.update(status="failed", message=f"{type(error).__name__}: {first}".rstrip(": "),
+                       error=traceback.format_exc(), result=None)
+    outcome["versions"] = versions()
+    return outcome
+
+
+def _init_worker(queue, threads: int | None, plugins: Sequence[tuple[str, str, Any]]) -> None:
+    """Set up a worker process: progress queue, thread count, the driver's directly registered
+    plugins, and Ctrl-C handling (the driver decides what an interrupt means, so workers ignore
+    SIGINT; they exit when the driver goes away)."""
+    import signal
+    import threading
+    from multiprocessing import parent_process
+    from multiprocessing.connection import wait
+
+    global _progress_queue, _worker_error
+    _progress_queue = queue
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = parent_process()
+    if parent is not None:
+        def exit_with_parent() -> None:
+            wait([parent.sentinel])
+            os._exit(1)
+
+        threading.Thread(target=exit_with_parent, daemon=True).start()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    _worker_error = load_plugins(plugins)
+
+
+_worker_error: str | None = None  # why this worker cannot run cells (a plugin it could not load)
+
+
+def load_plugins(plugins: Sequence[tuple[str, str, Any]]) -> str | None:
+    """Register the driver's direct plugins (see :func:`direct_plugins`) in a worker; returns what
+    went wrong, if anything, so every cell of this worker can fail with that message."""
+    import importlib
+    import pickle
+
+    from fedbench import plugins as manager
+
+    known = {name for _, name in manager.registered_plugins()}
+    for how, name, what in plugins:
+        if name in known:
+            continue
+        try:
+            plugin = importlib.import_module(what) if how == "module" else pickle.loads(what)
+            manager.register_plugin(plugin, name=name)
+        except Exception as error:  # noqa: BLE001
+            return f"the worker cannot load plugin '{name}' registered in the driver: {type(error).__name__}: {error}"
+    return None
+
+
+def direct_plugins() -> list[tuple[str, str, Any]]:
+    """Plugins registered with :func:`fedbench.register_plugin` in this process, in a form worker
+    processes can load: ``("module", name, module name)`` or ``("pickle", name, bytes)``. One that
+    can be neither (defined in ``__main__``, say) is refused before any work starts."""
+    import importlib.util
+    import pickle
+    import types
+
+    from fedbench import plugins
+
+    out = []
+    for plugin, name in plugins.registered_plugins():
+        if isinstance(plugin, types.ModuleType):
+            if plugin.__name__ != "__main__" and importlib.util.find_spec(plugin.__name__) is not None:
+                out.append(("module", name, plugin.__name__))
+                continue
+        else:
+            try:
+                blob = pickle.dumps(plugin)
+                if type(plugin).__module__ != "__main__":
+                    out.append(("pickle", name, blob))
+                    continue
+            except Exception:  # noqa: BLE001 - not picklable: refused below
+                pass
+        raise FedbenchError(
+            f"plugin '{name}' was registered in this process only and worker processes cannot load it; "
+            "use --jobs 1 (jobs=1), or put it in an importable module or an installed entry point"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends: where tasks run
+# --------------------------------------------------------------------------------------------------
+class WorkerDied(Exception):
+    """The process running a task went away without an outcome (killed, out of memory, segfault)."""
+
+
+class _Done:
+    """A finished task's handle (hashable, unlike its outcome)."""
+
+    def __init__(self, outcome: dict[str, Any]) -> None:
+        self.outcome = outcome
+
+
+class _Inline:
+    """``jobs=1``: run each task in the driver itself (no start-up cost; tests can monkeypatch)."""
+
+    slots = 1
+    where = "in this process"
+
+    def __init__(self, on_round: Callable[[str, int], None]) -> None:
+        self._on_round = on_round
+
+    def submit(self, task):
+        return _Done(execute(task, self._on_round))
+
+    def wait(self, handles, timeout):
+        return list(handles)
+
+    def result(self, handle):
+        return handle.outcome
+
+    def progress(self):
+        return []
+
+    def restart(self):
+        pass
+
+    def close(self, abort: bool = False):
+        pass
+
+
+class _Processes:
+    """``jobs=N``: N spawned worker processes, one torch thread each, reporting rounds on a queue."""
+
+    def __init__(self, jobs: int) -> None:
+        import multiprocessing
+
+        self.slots = jobs
+        self.where = f"on {jobs} worker processes"
+        self._ctx = multiprocessing.get_context("spawn")
+        self._plugins = direct_plugins()
+        self._start()
+
+    def _start(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        # A fresh queue per pool: a worker killed mid-write could leave the old one's lock held.
+        self._queue = self._ctx.Queue()
+        self._pool = ProcessPoolExecutor(self.slots, mp_context=self._ctx, initializer=_init_worker,
+                                         initargs=(self._queue, 1 if self.slots > 1 else None, self._plugins))
+
+    def submit(self, task):
+        return self._pool.submit(execute, task)
+
+    def wait(self, handles, timeout):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        return list(wait(handles, timeout=timeout, return_when=FIRST_COMPLETED).done)
+
+    def result(self, handle):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return handle.result()
+        except BrokenProcessPool as error:
+            raise WorkerDied(str(error)) from None
+
+    def progress(self):
+        import queue
+
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except (queue.Empty, OSError, ValueError, EOFError):
+                return out
+
+    def restart(self):
+        self.close(abort=True)
+        self._start()
+
+    def close(self, abort: bool = False):
+        if abort:  # workers ignore SIGINT and would finish their cells first
+            for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._queue.close()
+
+
+class _Ray:
+    """``--executor ray``: one Ray task per cell on a local or existing cluster (``address``)."""
+
+    def __init__(self, jobs: int | None, address: str | None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise FedbenchError(
+                "--executor ray needs Ray, which is not installed; install it with "
+                "pip install 'fedbench-suite[ray]', or use --executor process"
+            ) from None
+        self._ray = ray
+        self._owned = not ray.is_initialized()
+        if self._owned:
+            env = {k: v for k, v in os.environ.items() if k in ("FEDBENCH_PLUGINS", "FEDBENCH_DATA_DIR")}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env} if env else None)
+        self._plugins = direct_plugins()
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.slots = max(1, min(jobs or cpus, cpus))
+        self.where = f"as Ray tasks, {self.slots} at a time"
+        self._remote = ray.remote(num_cpus=1, max_retries=1)(_ray_execute)
+        self._inflight: set = set()
+
+    def submit(self, task):
+        ref = self._remote.remote(task, self._plugins)
+        self._inflight.add(ref)
+        return ref
+
+    def wait(self, handles, timeout):
+        done, _ = self._ray.wait(list(handles), num_returns=1, timeout=timeout)
+        return done
+
+    def result(self, handle):
+        self._inflight.discard(handle)
+        try:
+            return self._ray.get(handle)
+        except Exception as error:  # noqa: BLE001 - execute() never raises, so the worker itself died
+            raise WorkerDied(f"{type(error).__name__}: {error}") from None
+
+    def progress(self):
+        return []
+
+    def restart(self):
+        pass
+
+    def close(self, abort: bool = False):
+        if abort:
+            for ref in self._inflight:
+                self._ray.cancel(ref, force=True)
+        self._inflight.clear()
+        if self._owned:
+            self._ray.shutdown()
+
+
+def _ray_execute(task, plugins):
+    import torch
+
+    torch.set_num_threads(1)
+    problem = load_plugins(plugins)
+    if problem is not None:
+        return {"key": task["key"], "status": "failed", "message": problem, "error": "", "result": None}
+    return execute(task)
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------
+class Progress:
+    """What the driver reports while it runs; this base reports nothing (``--quiet``)."""
+
+    def start(self, total: int, skipped: int, todo: Sequence["Task"], where: str) -> None:
+        """``total`` cells in the grid, ``skipped`` of them already finished; ``todo`` will run ``where``."""
+
+    def task_started(self, task: "Task") -> None: ...
+
+    def round_done(self, key: str, rnd: int) -> None: ...
+
+    def task_finished(self, task: "Task", outcome: dict[str, Any]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Task:
+    """A unit of work for a worker: a cell, or a warm-up shared by a group of cells."""
+
+    key: str
+    label: str
+    rounds: int
+    payload: dict[str, Any]
+    cell: MatrixCell | None = None  # None for a warm-up
+
+
+@dataclass
+class MatrixReport:
+    """What one :func:`run_matrix` call did; ``statuses`` covers every cell of the grid."""
+
+    keys: list[str]
+    statuses: dict[str, str] = field(default_factory=dict)
+    ran: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.statuses.values() if s == status)
+
+
+def default_jobs() -> int:
+    """The cores this process may use (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def plan(cells: Sequence[MatrixCell], store: Store, *, retry_failed: bool = False, force: bool = False) -> list[MatrixCell]:
+    """The cells a run has to (re-)run: every cell with ``force``; otherwise those without a final
+    result (``ok`` or ``diverged``), leaving out ``failed`` ones unless ``retry_failed``."""
+    if force:
+        return list(cells)
+    done = store.statuses(mc.key for mc in cells)
+    skip = set(FINISHED) | (set() if retry_failed else {"failed"})
+    return [mc for mc in cells if done.get(mc.key) not in skip]
+
+
+def run_matrix(
+    cells: Sequence[MatrixCell],
+    store: Store,
+    *,
+    jobs: int | None = None,
+    executor: str = "process",
+    ray_address: str | None = None,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    trainer: str = "stacked",
+    retry_failed: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MatrixReport:
+    """Run the cells :func:`plan` selects and record every outcome in ``store``.
+
+    ``jobs`` (default: the number of cores) caps the cells in flight; with one, cells run in this
+    process. The caller holds the store's lock (:func:`fedbench.store.lock`). On
+    ``KeyboardInterrupt`` the cells in flight are marked ``interrupted`` and the interrupt
+    propagates (the CLI exits 130); finished cells stay recorded and the next run resumes."""
+    if executor not in EXECUTORS:
+        raise FedbenchError(f"unknown executor '{executor}'; use one of: {', '.join(EXECUTORS)}")
+    if jobs is not None and jobs < 1:
+        raise FedbenchError(f"jobs={jobs} is not allowed; need at least 1")
+    started = time.perf_counter()
+    progress = progress or Progress()
+    store.mark_stale_running()
+    todo = plan(cells, store, retry_failed=retry_failed, force=force)
+    report = MatrixReport(keys=[mc.key for mc in cells], skipped=len(cells) - len(todo))
+    common = {"data_dir": data_dir, "device": device, "trainer": trainer}
+    if any(mc.warmup_rounds for mc in todo):
+        require_warm_start()
+
+    warmups: dict[str, Task] = {}
+    for mc in todo:
+        warm = mc.warmup_cell()
+        if warm is not None and warm.hash() not in warmups and store.checkpoint(warm.hash()) is None:
+            warmups[warm.hash()] = Task(warm.hash(), f"warm-up {warm.dataset} seed={warm.seed}", warm.rounds,
+                                        {**common, "kind": "warmup", "key": warm.hash(), "cell": warm.to_dict(),
+                                         "warmup_rounds": 0})
+    n_tasks = len(warmups) + len(todo)
+    backend = None
+    try:
+        if n_tasks:
+            slots = max(1, min(jobs or default_jobs(), n_tasks))
+            if executor == "ray":
+                backend = _Ray(jobs, ray_address)
+            elif slots == 1:
+                backend = _Inline(progress.round_done)
+            else:
+                backend = _Processes(slots)
+        progress.start(len(cells), report.skipped, [*warmups.values(), *(_cell_task(mc, common, None) for mc in todo)],
+                       backend.where if backend else "")
+        failed_warmups: dict[str, dict[str, Any]] = {}
+        for task, outcome in _drive(list(warmups.values()), backend, store, progress):
+            if outcome["status"] == "ok" and "checkpoint" in outcome:
+                store.put_checkpoint(task.key, task.payload["cell"], outcome["checkpoint"])
+            else:
+                failed_warmups[task.key] = outcome
+        tasks = []
+        for mc in todo:
+            warm = mc.warmup_cell()
+            if warm is not None and warm.hash() in failed_warmups:
+                bad = failed_warmups[warm.hash()]
+                store.start(mc.key, mc.cell.to_dict(), mc.warmup_rounds, mc.info())
+                store.finish(mc.key, {**bad, "status": "failed", "result": None,
+                                      "message": f"its clean warm-up failed: {bad.get('message', '')}"})
+                continue
+            tasks.append(_cell_task(mc, common, store.checkpoint(warm.hash()) if warm is not None else None))
+        for _task, _outcome in _drive(tasks, backend, store, progress):
+            report.ran += 1
+    except KeyboardInterrupt:
+        if backend is not None:
+            backend.close(abort=True)
+            backend = None
+        store.interrupt([mc.key for mc in todo], "interrupted (Ctrl-C) while running; re-run to resume")
+        raise
+    finally:
+        if backend is not None:
+            backend.close()
+        progress.stop()
+    report.statuses = store.statuses(report.keys)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _cell_task(mc: MatrixCell, common: dict[str, Any], checkpoint: bytes | None) -> Task:
+    payload = {**common, "kind": "cell", "key": mc.key, "cell": mc.cell.to_dict(),
+               "warmup_rounds": mc.warmup_rounds, "checkpoint": checkpoint}
+    return Task(mc.key, mc.label(), mc.rounds_to_run(), payload, mc)
+
+
+def _drive(tasks: Sequence[Task], backend, store: Store, progress: Progress):
+    """Hand ``tasks`` to ``backend``, at most ``backend.slots`` at a time, and yield
+    ``(task, outcome)`` as outcomes arrive -- after recording cells in the store."""
+    pending = deque(tasks)
+    inflight: dict[Any, Task] = {}
+    while pending or inflight:
+        while pending and len(inflight) < backend.slots:
+            task = pending.popleft()
+            if task.cell is not None:
+                store.start(task.key, task.payload["cell"], task.cell.warmup_rounds, task.cell.info())
+            progress.task_started(task)
+            inflight[backend.submit(task.payload)] = task
+        done = backend.wait(list(inflight), timeout=0.2)
+        for key, rnd in backend.progress():
+            progress.round_done(key, rnd)
+        died = False
+        for handle in done:
+            task = inflight.pop(handle)
+            try:
+                outcome = backend.result(handle)
+            except WorkerDied:
+                inflight[handle] = task
+                died = True
+                continue
+            if task.cell is not None:
+                store.finish(task.key, outcome)
+            progress.task_finished(task, outcome)
+            yield task, outcome
+        if died:
+            # A dead worker takes the whole process pool with it: every task in flight is lost. They
+            # are marked interrupted (the next run re-runs them); this run goes on with a fresh pool.
+            message = "a worker process died while it ran (killed, out of memory or crashed); re-run to resume"
+            lost = list(inflight.values())
+            inflight.clear()
+            store.interrupt([t.key for t in lost if t.cell is not None], message)
+            backend.restart()
+            for task in lost:
+                outcome = {"key": task.key, "status": "interrupted", "message": message}
+                progress.task_finished(task, outcome)
+                yield task, outcome
+
+
+def require_warm_start() -> None:
+    """Warm start needs an engine that starts a run from given parameters at a given round and
+    returns its final parameters: ``run_cell(initial_params=, start_round=)``, ``RunResult.final_params``."""
+    import dataclasses
+    import inspect
+
+    from fedbench import engine
+
+    params = inspect.signature(engine.run_cell).parameters
+    fields = {f.name for f in dataclasses.fields(engine.RunResult)}
+    if not {"initial_params", "start_round"} <= set(params) or "final_params" not in fields:
+        raise FedbenchError(
+            "--warmup-rounds needs an engine that can start a run from a checkpoint "
+            "(run_cell(initial_params=..., start_round=...)), which this fedbench does not have yet; "
+            "use --warmup-rounds 0 (the paper's protocol)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress displays
+# --------------------------------------------------------------------------------------------------
+def _start_line(total: int, skipped: int, todo: Sequence[Task], where: str) -> str:
+    already = f", {skipped} already in the store" if skipped else ""
+    running = f"; running {len(todo)} {where}" if todo else "; nothing to run"
+    return f"matrix: {total} cells{already}{running}"
+
+
+def _detail(outcome: dict[str, Any]) -> str:
+    result = outcome.get("result") or {}
+    if outcome["status"] == "ok" and result.get("final_accuracy") is not None:
+        return f"accuracy {result['final_accuracy']:.4f} ({result.get('seconds', 0):.1f} s)"
+    return outcome.get("message", "")
+
+
+class PlainProgress(Progress):
+    """One line per finished cell, for logs and pipes (no terminal)."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self._echo = echo
+        self._done = 0
+        self._total = 0
+
+    def start(self, total, skipped, todo, where):
+        self._total = len(todo)
+        self._echo(_start_line(total, skipped, todo, where))
+
+    def task_finished(self, task, outcome):
+        self._done += 1
+        width = len(str(self._total))
+        self._echo(f"[{self._done:{width}d}/{self._total}] {outcome['status']:<11} {task.label}  {_detail(outcome)}".rstrip())
+
+
+class RichProgress(Progress):
+    """A live display: cells done / total with an ETA, and each running cell with its current round."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bar
+
+        self._bar = Bar(
+            TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+        )
+        self._overall = None
+        self._rows: dict[str, Any] = {}
+        self._seen: dict[str, int] = {}
+        self._done = self._total = self._problems = 0
+
+    def start(self, total, skipped, todo, where):
+        self._total = len(todo)
+        self._bar.console.print(_start_line(total, skipped, todo, where), highlight=False)
+        if todo:
+            self._bar.start()
+            self._overall = self._bar.add_task("[bold]cells", total=sum(t.rounds for t in todo), info=self._info())
+
+    def _info(self) -> str:
+        return f"{self._done}/{self._total}" + (f" [red]({self._problems} not ok)[/]" if self._problems else "")
+
+    def task_started(self, task):
+        self._seen[task.key] = 0
+        self._rows[task.key] = self._bar.add_task(f"  {task.label}", total=task.rounds, info=f"round 0/{task.rounds}")
+
+    def round_done(self, key, rnd):
+        if key not in self._rows:
+            return
+        rounds = int(next(t.total for t in self._bar.tasks if t.id == self._rows[key]))
+        count = min(self._seen[key] + 1, rounds)
+        self._bar.update(self._overall, advance=count - self._seen[key])
+        self._seen[key] = count
+        self._bar.update(self._rows[key], completed=count, info=f"round {count}/{rounds}")
+
+    def task_finished(self, task, outcome):
+        self._done += 1
+        if outcome["status"] != "ok":
+            self._problems += 1
+        colour = "green" if outcome["status"] == "ok" else "red"
+        self._bar.console.print(f"[{colour}]{outcome['status']:<11}[/] {task.label}  {_detail(outcome)}", highlight=False)
+        row = self._rows.pop(task.key, None)
+        if row is not None:
+            self._bar.remove_task(row)
+        self._bar.update(self._overall, advance=task.rounds - self._seen.pop(task.key, 0), info=self._info())
+
+    def stop(self):
+        self._bar.stop()
