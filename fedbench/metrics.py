@@ -42,7 +42,7 @@ def stratified_subset(labels: torch.Tensor, size: int, generator: torch.Generato
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch: int = 1000):
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch: int = 256):
     """Accuracy and mean cross-entropy of ``forward`` on ``(x, y)``."""
     correct, loss = 0, 0.0
     for start in range(0, len(y), batch):

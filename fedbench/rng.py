@@ -12,6 +12,7 @@ per-client work, the round and the client id), so that
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -36,9 +37,15 @@ def generator(seed: int, purpose: str, *keys: int, device: str | torch.device = 
 def laplace(shape, scale: float | torch.Tensor, generator: torch.Generator, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """I.i.d. Laplace(0, scale) draws (``scale`` is numpy's scale b: std = sqrt(2) b).
 
-    Drawn as the difference of two Exp(1) variables, which is exactly Laplace(0, 1) and, unlike the
-    inverse CDF, never produces an infinity."""
+    Inverse CDF of one uniform draw per element, ``-b sign(u) log(1 - 2|u|)`` with u uniform on
+    [-1/2, 1/2): one random number per element, which on a CPU is about 6x faster than the difference
+    of two ``exponential_`` draws (FL-WBC draws one per weight per local step). The single grid point
+    u = -1/2 (probability 2^-24 in float32) would map to infinity; it is clamped to the largest
+    magnitude the float32 uniform grid can otherwise produce (about 16.6 b)."""
     device = device if device is not None else generator.device
-    e1 = torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
-    e2 = torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
-    return (e1 - e2) * scale
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator) - 0.5
+    magnitude = torch.log1p(-2 * u.abs()).clamp_min_(_LOG_TINY)
+    return magnitude.mul_(-torch.sign(u)).mul_(scale)
+
+
+_LOG_TINY = math.log(2.0**-24)
