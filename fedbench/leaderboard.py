@@ -363,7 +363,9 @@ def rich_tables(board: pd.DataFrame, cells: pd.DataFrame | None = None) -> list[
 
 def _markdown(tables: list[_Table]) -> str:
     def esc(text: str) -> str:
-        return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        """Table-safe and HTML-inert: ``<`` could open a tag in a Markdown renderer, ``>`` (as in the
+        censored ">k") cannot inside a table cell, so it stays readable as plain text."""
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
 
     parts = []
     for t in tables:
