@@ -127,7 +127,7 @@ def scenario_options(f):
         click.option("--momentum", type=float, default=None, help="Local SGD momentum [paper: 0]."),
         click.option("--data-frac", "client_data_frac", type=float, default=None, help="Fraction of each client's data used [paper: 1]."),
         click.option("--eval", "eval_policy", type=click.Choice(["auto", "full"]), default=None,
-                     help="auto: per round a fixed stratified subset of 2,000 test images (whole test set if smaller, "
+                     help="auto: per round a fixed stratified subset of 1,000 test images (whole test set if smaller, "
                           "and always in the last round); full: the whole test set every round."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Where datasets live (default: $FEDBENCH_DATA_DIR, else ~/.cache/fedbench)."),

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
+
+from fedbench.metrics import AUTO_SUBSET
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -316,7 +318,7 @@ def test_digits_fedavg_learns_in_30_rounds():
 
 def test_eval_auto_uses_a_fixed_subset_except_in_the_last_round(toy_plugin):
     auto = run_cell(make_cell(dataset="test-blobs", rounds=3))
-    assert [row["eval_n"] for row in auto.rounds] == [2000, 2000, 2500]
+    assert [row["eval_n"] for row in auto.rounds] == [AUTO_SUBSET, AUTO_SUBSET, 2500]
     full = run_cell(make_cell(dataset="test-blobs", rounds=3, eval="full"))
     assert [row["eval_n"] for row in full.rounds] == [2500, 2500, 2500]
     assert full.final_accuracy == auto.final_accuracy  # the same model, the same full test set at the end
@@ -424,7 +426,7 @@ def test_fmnist_paper_model_learns_in_five_rounds(fmnist_dir):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["cell"]["model"]["name"] == "fmnist-cnn"
-    assert [row["eval_n"] for row in payload["rounds"]] == [2000] * 4 + [10000]
+    assert [row["eval_n"] for row in payload["rounds"]] == [AUTO_SUBSET] * 4 + [10000]
     assert payload["final_accuracy"] > 0.6
     print(f"fmnist: accuracy {payload['final_accuracy']:.4f}, {payload['seconds'] / 5:.2f} s per round, "
           f"timings {payload['timings']}")
