@@ -11,6 +11,10 @@ from importlib import metadata as _metadata
 from typing import Any
 
 from fedbench.components import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
     Aggregator,
     Attack,
     AttackEnv,
@@ -49,7 +53,18 @@ def load_results(store: str = "fedbench-runs.db"):
     return _load(store)
 
 
+def __getattr__(name: str) -> Any:
+    """Lazy exports that need torch: ``fedbench.cross_entropy`` (the benign training objective, for
+    attacks that wrap it)."""
+    if name == "cross_entropy":
+        from fedbench.training import cross_entropy
+
+        return cross_entropy
+    raise AttributeError(f"module 'fedbench' has no attribute {name!r}")
+
+
 __all__ = [
+    "AT_LEAST_ONE", "NON_NEGATIVE", "POSITIVE", "UNIT", "cross_entropy",
     "Aggregator", "Attack", "AttackEnv", "CellSpec", "ClientDefense", "ComponentSpec", "DataError", "Dataset",
     "DatasetTensors", "DefenseStack", "FedbenchError", "MaliciousRound", "Model", "Partition", "Range",
     "Scenario", "SpecError", "StepState", "UnknownComponentError", "hookimpl", "load_results", "make_cell", "param",

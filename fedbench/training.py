@@ -31,6 +31,8 @@ from fedbench.components import ClientDefense, StepState
 
 #: ``objective(forward, x, y, w) -> scalar loss``: ``forward(x) -> logits`` under the current
 #: parameters, ``w`` per-sample weights (1/k on the k real samples of the minibatch, 0 on padding).
+#: The real samples always occupy the first k slots; an objective must use only tensor operations
+#: (no Python branching on values), since the stacked trainer runs it under ``torch.func.vmap``.
 Objective = Callable[..., torch.Tensor]
 
 
