@@ -41,11 +41,9 @@ def laplace(shape, scale: float | torch.Tensor, generator: torch.Generator, *, d
     [-1/2, 1/2): one random number per element, which on a CPU is about 6x faster than the difference
     of two ``exponential_`` draws (FL-WBC draws one per weight per local step). The single grid point
     u = -1/2 (probability 2^-24 in float32) would map to infinity; it is clamped to the largest
-    magnitude the float32 uniform grid can otherwise produce (about 16.6 b)."""
+    magnitude the uniform grid of ``dtype`` can otherwise produce (about 16.6 b in float32)."""
     device = device if device is not None else generator.device
     u = torch.rand(shape, device=device, dtype=dtype, generator=generator) - 0.5
-    magnitude = torch.log1p(-2 * u.abs()).clamp_min_(_LOG_TINY)
+    # The uniform grid's step is eps/2 (2^-24 in float32): the largest finite magnitude it gives.
+    magnitude = torch.log1p(-2 * u.abs()).clamp_min_(math.log(torch.finfo(dtype).eps / 2))
     return magnitude.mul_(-torch.sign(u)).mul_(scale)
-
-
-_LOG_TINY = math.log(2.0**-24)
