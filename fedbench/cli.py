@@ -61,6 +61,7 @@ def list_cmd(kind: str | None) -> None:
     from rich.table import Table
 
     from fedbench.plugins import registry
+    from fedbench.spec import format_value
 
     if kind is not None and kind.lower() not in KIND_ALIASES:
         raise FedbenchError(f"unknown kind '{kind}'; use one of: {', '.join(sorted(set(KIND_ALIASES) - set(TITLES)))}")
@@ -76,7 +77,7 @@ def list_cmd(kind: str | None) -> None:
         table.add_column("description")
         table.add_column("origin", style="dim")
         for name, entry in reg.entries(k).items():
-            params = ", ".join(f"{i.name}={_show(i.default)} ({i.allowed()})" for i in entry.cls.param_info()) or "-"
+            params = ", ".join(f"{i.name}={format_value(i.default)} ({i.allowed()})" for i in entry.cls.param_info()) or "-"
             desc = entry.cls.description()
             if k == "dataset":
                 extra = f" [model: {entry.cls.default_model}"
@@ -85,10 +86,6 @@ def list_cmd(kind: str | None) -> None:
                 desc += extra + "]"
             table.add_row(escape(name), escape(params), escape(desc), escape(entry.origin))
         console.print(table)
-
-
-def _show(value: Any) -> str:
-    return {True: "true", False: "false"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -78,25 +78,27 @@ def mitigation_rounds(
     adversarial: Sequence[int],
     mitigated: Callable[[Mapping[str, float], float], bool],
     success_key: str = "success",
+    first_round: int = 1,
 ) -> list[Mitigation]:
     """Attack-mitigation rounds for every adversarial round of a run.
 
-    ``series[r - 1]`` holds the metrics evaluated after round ``r`` (with ``accuracy``, the benign
+    ``series[r - first_round]`` holds the metrics evaluated after round ``r`` (a warm-started run
+    begins after round 1) (with ``accuracy``, the benign
     accuracy whose complement is the benign error rate, and the attack's own metrics);
     ``mitigated(metrics, benign_error)`` is the attack's criterion.
     """
     attacks = sorted(adversarial)
-    last = len(series)
+    last = first_round + len(series) - 1
     out = []
     for i, t in enumerate(attacks):
         if t > last:
             break
         horizon = attacks[i + 1] - 1 if i + 1 < len(attacks) else last  # rounds t..horizon are this attack's
-        row = series[t - 1]
+        row = series[t - first_round]
         peak = float(row.get(success_key, float("nan")))
         result = None
         for r in range(t, horizon + 1):
-            m = series[r - 1]
+            m = series[r - first_round]
             if mitigated(m, 1.0 - m["accuracy"]):
                 result = Mitigation(t, r - t, False, peak)
                 break

@@ -65,10 +65,11 @@ class ComponentSpec:
 def _label(name: str, params) -> str:
     if not params:
         return name
-    return name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in params)
+    return name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in params)
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A parameter value as the spec grammar writes it (``true``/``false`` for booleans)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -81,7 +82,7 @@ def resolve(kind: str, cls: type[Component], raw: Mapping[str, Any]) -> Componen
     infos = {info.name: info for info in cls.param_info()}
     unknown = sorted(set(raw) - set(infos))
     if unknown:
-        allowed = ", ".join(f"{i.name} ({i.allowed()}, default {_fmt(i.default)})" for i in infos.values())
+        allowed = ", ".join(f"{i.name} ({i.allowed()}, default {format_value(i.default)})" for i in infos.values())
         raise SpecError(
             f"{cls.name}: unknown parameter '{unknown[0]}'; "
             f"{'parameters: ' + allowed if allowed else 'it takes no parameters'}"
