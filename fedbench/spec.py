@@ -327,6 +327,12 @@ def make_cell(
     values.update({k: v for k, v in scenario.items() if v is not None})
     if not isinstance(rounds, int) or rounds < 1:
         raise SpecError(f"rounds={rounds!r} is not allowed; need an integer >= 1")
+    late = [r for r in (values.get("attack_rounds") or ()) if r > rounds]
+    if late:
+        raise SpecError(
+            f"attack round {late[0]} is beyond the last round ({rounds}); give attack rounds "
+            f"between 1 and {rounds}, or more --rounds"
+        )
     return CellSpec(
         dataset=ds,
         partition=parse_component("partition", partition, reg),

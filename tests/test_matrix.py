@@ -225,14 +225,41 @@ def test_rerun_skips_finished_cells_and_retries_failed_ones_only_when_asked(stor
         assert len(mx.plan(cells, store, force=True)) == 9
 
 
+# Runs the matrix CLI with an observer plugin that parks the process inside its second cell: after the
+# first round of the second cell it writes a marker file and sleeps. A kill then always lands mid-cell,
+# whatever the machine's speed (a poll for the first 'ok' alone raced the second cell's start).
+PARK_IN_SECOND_CELL = textwrap.dedent('''
+    import os, sys, time
+    import fedbench
+    from fedbench.cli import main
+
+    class Park:
+        seen = []
+
+        @fedbench.hookimpl
+        def round_finished(self, cell, round, metrics):
+            if cell.hash() not in self.seen:
+                self.seen.append(cell.hash())
+            if len(self.seen) == 2:
+                open(os.environ["PARK_MARKER"], "w").close()
+                time.sleep(600)
+
+    fedbench.register_plugin(Park(), name="park")
+    sys.argv[0] = "fedbench"
+    main()
+''')
+
+
 def test_resume_after_kill_9_runs_every_cell_once_with_the_same_numbers(stores, tmp_path):
-    path = tmp_path / "runs.db"
+    path, marker = tmp_path / "runs.db", tmp_path / "parked"
     args = ["matrix", "--attacks", "poison", "--defenses", "fedavg", *CLI_SCENARIO, "--jobs", "1", "--store", str(path)]
-    proc = subprocess.Popen([sys.executable, "-m", "fedbench.cli", *args, "--quiet"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", PARK_IN_SECOND_CELL, *args, "--quiet"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PARK_MARKER": str(marker)})
     deadline = time.monotonic() + 120
-    while "ok" not in statuses(path).values() and proc.poll() is None and time.monotonic() < deadline:
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert marker.exists(), f"the matrix never reached its second cell (exit code {proc.poll()})"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = statuses(path)

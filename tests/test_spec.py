@@ -420,3 +420,22 @@ def test_model_defaults_to_the_datasets_own():
     assert make_cell(dataset="digits").model == parse_component("model", "mlp")
     assert make_cell(dataset="fmnist").model.name == "fmnist-cnn"
     assert make_cell(dataset="cifar10").model.name == "cifar-cnn"
+
+
+def test_attack_rounds_beyond_the_last_round_are_an_error():
+    with pytest.raises(SpecError, match=r"attack round 9 is beyond the last round \(5\)"):
+        make_cell(dataset="digits", rounds=5, attack_rounds=(3, 9))
+    assert make_cell(dataset="digits", rounds=9, attack_rounds=(3, 9)).scenario.attack_rounds == (3, 9)
+
+
+@pytest.mark.parametrize("command", [["run"], ["matrix", "--attacks", "poison", "--defenses", "fedavg", "--dry-run"]])
+def test_the_cli_refuses_attack_rounds_beyond_the_last_round(command, tmp_path):
+    from click.testing import CliRunner
+
+    from fedbench.cli import main
+
+    result = CliRunner().invoke(main, [*command, "--rounds", "5", "--attack-rounds", "3,9", "--store", str(tmp_path / "r.db")]
+                                if command[0] == "matrix" else [*command, "--rounds", "5", "--attack-rounds", "3,9"])
+    assert result.exit_code == 2, result.output
+    assert "attack round 9 is beyond the last round (5)" in result.output
+    assert not (tmp_path / "r.db").exists()
