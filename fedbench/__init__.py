@@ -24,7 +24,9 @@ from fedbench.components import (
     MaliciousRound,
     Model,
     Partition,
+    PreAggregator,
     Range,
+    ServerContext,
     StepState,
     param,
 )
@@ -66,8 +68,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AT_LEAST_ONE", "NON_NEGATIVE", "POSITIVE", "UNIT", "cross_entropy",
     "Aggregator", "Attack", "AttackEnv", "CellSpec", "ClientDefense", "ComponentSpec", "DataError", "Dataset",
-    "DatasetTensors", "DefenseStack", "FedbenchError", "MaliciousRound", "Model", "Partition", "Range",
-    "Scenario", "SpecError", "StepState", "UnknownComponentError", "hookimpl", "load_results", "make_cell", "param",
+    "DatasetTensors", "DefenseStack", "FedbenchError", "MaliciousRound", "Model", "Partition", "PreAggregator", "Range",
+    "Scenario", "ServerContext", "SpecError", "StepState", "UnknownComponentError", "hookimpl", "load_results", "make_cell", "param",
     "parse_component", "parse_defense", "register_plugin", "registry", "run_cell", "unregister_plugin",
     "__version__",
 ]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
@@ -23,7 +25,9 @@ from fedbench.errors import SpecError
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
-KINDS = ("attack", "defense", "aggregator", "dataset", "model", "partition")
+KINDS = ("attack", "defense", "preaggregator", "aggregator", "dataset", "model", "partition")
+#: The kinds a defense stack is made of; their names share one namespace (``cma+wbc`` must be unambiguous).
+STACK_KINDS = ("defense", "preaggregator", "aggregator")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +81,9 @@ class ParamInfo:
     doc: str
     check: Range | None
     choices: tuple | None
+    #: declared ``T | None``: ``None`` (written ``auto``) lets the component choose from the scenario,
+    #: e.g. a robust rule's ``f`` defaults to the scenario's malicious clients per adversarial round
+    optional: bool = False
 
     def allowed(self) -> str:
         if self.choices:
@@ -84,10 +91,12 @@ class ParamInfo:
         text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[self.type]
         if self.check is not None:
             text += f" {self.check.describe()}"
-        return text
+        return text + (", or auto" if self.optional else "")
 
     def coerce(self, owner: str, raw: Any) -> Any:
         """Turn a string (from a spec) or a Python value into this parameter's type, then validate."""
+        if self.optional and (raw is None or (isinstance(raw, str) and raw.strip().lower() == "auto")):
+            return None
         value = raw
         try:
             if self.type is bool:
@@ -138,8 +147,9 @@ class Component:
 
     @classmethod
     def description(cls) -> str:
+        """The docstring's first line, as plain text (reST ``literals`` lose their backticks)."""
         doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return re.sub(r"``(.+?)``", r"\1", doc.splitlines()[0]) if doc else ""
 
     @classmethod
     def param_info(cls) -> tuple[ParamInfo, ...]:
@@ -150,14 +160,21 @@ class Component:
         for f in dataclasses.fields(cls):
             if not f.init or "doc" not in f.metadata:
                 continue
+            hint, optional = hints[f.name], False
+            if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+                rest = [a for a in typing.get_args(hint) if a is not type(None)]
+                if len(rest) != 1:
+                    raise TypeError(f"{cls.__name__}.{f.name}: a parameter is one type or that type | None")
+                hint, optional = rest[0], True
             infos.append(
                 ParamInfo(
                     name=f.name,
-                    type=hints[f.name],
+                    type=hint,
                     default=f.default,
                     doc=f.metadata["doc"],
                     check=f.metadata["check"],
                     choices=f.metadata["choices"],
+                    optional=optional,
                 )
             )
         return tuple(infos)
@@ -286,16 +303,92 @@ class ClientDefense(Component):
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregators
+# The server stage: pre-aggregators and aggregators
 # --------------------------------------------------------------------------------------------------
-class Aggregator(Component):
-    """The server rule: client updates ``[n_clients, P]`` and weights ``[n_clients]`` -> one update ``[P]``."""
+@dataclass
+class ServerContext:
+    """What a real server knows in a round besides the updates and their weights.
+
+    ``client_ids[i]`` is the client that sent row ``i`` (``None`` once a pre-aggregator has mixed
+    rows, e.g. bucketing); ``num_byzantine`` is the number of malicious clients the scenario puts in
+    an adversarial round, the default ``f`` of robust rules; ``generator`` is the cell's server
+    stream for this round; ``root_update()``, set only when a stage asks for root data
+    (:meth:`ServerStage.root_samples`), trains the current global model on the server's trusted root
+    data set with the clients' local-training setup and returns that update ``[P]``.
+
+    Every field has a default so a rule can be called by hand: ``rule.aggregate(u, w, ServerContext())``.
+    """
+
+    round: int = 1
+    client_ids: tuple[int, ...] | None = None
+    global_params: "torch.Tensor | None" = None
+    num_byzantine: int = 0
+    generator: "torch.Generator | None" = None
+    root_update: Callable[[], "torch.Tensor"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            import torch
+
+            self.generator = torch.Generator().manual_seed(0)
+
+    def byzantine(self, f: int | None) -> int:
+        """A rule's ``f``: its own parameter when set, else the scenario's."""
+        return self.num_byzantine if f is None else f
+
+
+class ServerStage(Component):
+    """What pre-aggregators and aggregators share: checks of n and f, and trusted root data.
+
+    A server-stage object is built for one cell and lives exactly as long as it, so a stateful rule
+    (centered clipping's centre, FoolsGold's history) keeps its state in plain attributes."""
+
+    def check(self, n: int, f: int) -> None:
+        """Raise :class:`SpecError` when the rule cannot work with ``n`` rows per round of which ``f``
+        may be Byzantine (``f`` is the scenario's unless the rule sets its own). Called for every cell
+        before any cell runs."""
+
+    def root_samples(self) -> int:
+        """How many clean training samples the server holds out as its root data (0: none)."""
+        return 0
+
+    def require(self, n: int, f: int, minimum: int, condition: str) -> None:
+        """Raise the breakdown-point error when ``n < minimum`` (``condition`` says the rule, e.g.
+        ``n >= 2f+3``), naming the rule, n, f and what would make the cell valid."""
+        if n >= minimum:
+            return
+        fixes = "more clients per round (--per-round), fewer malicious clients (--malicious)"
+        if "f" in {info.name for info in self.param_info()}:
+            fixes += f", or a smaller f ({self.name}:f=...)"
+        raise SpecError(f"{self.name}: needs {condition} (n updates per round, f Byzantine), got n={n}, f={f}; use {fixes}")
+
+
+class PreAggregator(ServerStage):
+    """A server stage in front of the aggregator: updates ``[n, P]`` and weights ``[n]`` -> a new stack.
+
+    Pre-aggregators run in the order the defense stack names them (``nnm+bucketing:s=2+krum``).
+    ``keeps_clients`` says whether row ``i`` of the output still comes from client ``i`` (clipping,
+    nearest-neighbour mixing) or not (bucketing); when not, later stages see ``client_ids = None``."""
+
+    kind: ClassVar[str] = "preaggregator"
+    keeps_clients: ClassVar[bool] = True
+
+    def output_count(self, n: int) -> int:
+        """Rows out for ``n`` rows in (so the aggregator's n can be checked before a run)."""
+        return n
+
+    def preaggregate(
+        self, updates: "torch.Tensor", weights: "torch.Tensor", ctx: ServerContext
+    ) -> tuple["torch.Tensor", "torch.Tensor"]:
+        raise NotImplementedError
+
+
+class Aggregator(ServerStage):
+    """The server rule: client updates ``[n, P]``, weights ``[n]`` and a :class:`ServerContext` -> one update ``[P]``."""
 
     kind: ClassVar[str] = "aggregator"
 
-    def aggregate(
-        self, updates: "torch.Tensor", weights: "torch.Tensor", generator: "torch.Generator"
-    ) -> "torch.Tensor":
+    def aggregate(self, updates: "torch.Tensor", weights: "torch.Tensor", ctx: ServerContext) -> "torch.Tensor":
         raise NotImplementedError
 
 
@@ -348,6 +441,7 @@ class Partition(Component):
 BASES: dict[str, type[Component]] = {
     "attack": Attack,
     "defense": ClientDefense,
+    "preaggregator": PreAggregator,
     "aggregator": Aggregator,
     "dataset": Dataset,
     "model": Model,

@@ -11,7 +11,11 @@ The loop reads as the algorithm::
   and client selection come from the cell's own ``schedule`` stream (:mod:`fedbench.rng`), so every
   defense in a comparison faces the same schedule and the same malicious data.
 * Updates are aggregated with the clients' sample counts as weights (a malicious client claims the
-  size of its own partition share) and the server adds the aggregate to the global model.
+  size of its own partition share) by the defense stack's server stage (:mod:`fedbench.server`),
+  and the server adds the aggregate to the global model.
+* A server stage that asks for trusted root data (FLTrust) gets that many training samples, drawn
+  from the cell's ``root`` stream and removed from every client's partition, so they never reach a
+  client; partitions are otherwise the same as without it.
 * With the ``none`` attack there are no malicious clients and no adversarial rounds.
 """
 
@@ -27,11 +31,12 @@ from typing import Any, Callable
 import torch
 
 from fedbench import rng
-from fedbench.components import AttackEnv, MaliciousRound
+from fedbench.components import AttackEnv, MaliciousRound, ServerContext
 from fedbench.data import load_dataset, take_fraction
 from fedbench.errors import FedbenchError
 from fedbench.metrics import AUTO_SUBSET, Mitigation, evaluate, mitigation_rounds, stratified_subset
 from fedbench.plugins import get_manager, registry
+from fedbench.server import Server
 from fedbench.spec import CellSpec, Scenario
 from fedbench.training import TRAINERS, ClientJob, FlatModel, LocalSetup, LoopTrainer, StackedTrainer
 
@@ -117,6 +122,10 @@ def run_cell(
     parts = cell.partition.build(reg).split(
         data.train_y, sc.num_clients, rng.generator(seed, "partition")
     )
+    server = Server.build(cell.defense, reg)
+    root = root_indices(server.root_samples(), len(data.train_y), seed)
+    if root is not None:
+        parts = [p[~torch.isin(p, root)] for p in parts]
     parts = take_fraction(parts, sc.client_data_frac)
 
     taken = attack.setup(
@@ -134,7 +143,6 @@ def run_cell(
         test_x, eval_x = (t.contiguous(memory_format=torch.channels_last) for t in (test_x, eval_x))
 
     client_defenses = [spec.build(reg) for spec in cell.defense.client]
-    aggregator = cell.defense.aggregator.build(reg)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng.derive_seed(seed, "init"))
@@ -193,7 +201,15 @@ def run_cell(
                 updates = torch.cat([malicious, benign_updates])
             weights = sizes[torch.tensor(malicious_ids + benign_ids, device=dev)]
             t1 = time.perf_counter()
-            global_flat = global_flat + aggregator.aggregate(updates, weights, rng.generator(seed, "aggregate", rnd, device=dev))
+            ctx = ServerContext(
+                round=rnd,
+                client_ids=tuple(malicious_ids + benign_ids),
+                global_params=global_flat,
+                num_byzantine=sc.num_malicious,
+                generator=rng.generator(seed, "aggregate", rnd, device=dev),
+                root_update=None if root is None else _root_trainer(train, global_flat, setup, train_x[root], train_y[root], seed, rnd),
+            )
+            global_flat = global_flat + server(updates, weights, ctx)
             t2 = time.perf_counter()
 
             forward = model.forward(global_flat)
@@ -243,6 +259,30 @@ def _malicious_trainer(trainer, global_flat, setup: LocalSetup, seed: int, rnd: 
         return trainer.train(global_flat, jobs, local, **kwargs)
 
     return train
+
+
+def root_indices(count: int, n_train: int, seed: int) -> torch.Tensor | None:
+    """The server's trusted root data: ``count`` training indices from the cell's ``root`` stream
+    (sorted), or ``None`` when no server stage asks for any."""
+    if count <= 0:
+        return None
+    if count >= n_train:
+        raise FedbenchError(f"the server asks for {count} root samples, but the training set has only {n_train}")
+    return torch.sort(torch.randperm(n_train, generator=rng.generator(seed, "root"))[:count]).values
+
+
+def _root_trainer(trainer, global_flat, setup: LocalSetup, x, y, seed: int, rnd: int):
+    """``ServerContext.root_update``: the current global model trained on the root data with the
+    clients' local setup, no client defenses (FLTrust's server update); computed at most once a round."""
+    cache: list[torch.Tensor] = []
+
+    def root_update() -> torch.Tensor:
+        if not cache:
+            job = ClientJob(x.to(global_flat.device), y.to(global_flat.device), batch_gen=rng.generator(seed, "root", rnd))
+            cache.append(trainer.train(global_flat, [job], setup)[0])
+        return cache[0]
+
+    return root_update
 
 
 @contextlib.contextmanager

@@ -28,9 +28,24 @@ def register_defenses(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_preaggregators(register: Callable[[type], None]) -> None:
+    """Register pre-aggregators (subclasses of :class:`fedbench.components.PreAggregator`): server
+    stages that map the ``[n, P]`` stack of updates (and their weights) to a new stack before the
+    aggregator, e.g. clipping, nearest-neighbour mixing, bucketing. A defense stack may hold any
+    number; they run in the order written (``nnm+bucketing:s=2+krum``)."""
+
+
+@hookspec
 def register_aggregators(register: Callable[[type], None]) -> None:
-    """Register server aggregation rules (subclasses of :class:`fedbench.components.Aggregator`).
-    A defense stack holds at most one; ``fedavg`` is implied when it names none."""
+    """Register server aggregation rules (subclasses of :class:`fedbench.components.Aggregator`):
+    ``aggregate(updates [n, P], weights [n], ctx)`` returns the update ``[P]`` the server adds to the
+    global model; ``ctx`` (:class:`fedbench.components.ServerContext`) holds what a real server knows
+    (client ids, round, global parameters, the scenario's f, a random stream, root-data training).
+    A defense stack holds at most one; ``fedavg`` is implied when it names none. One aggregator object
+    serves exactly one cell, so state across rounds lives on it.
+
+    Client defenses, pre-aggregators and aggregators share one namespace: a name registered under two
+    of these kinds (or twice) is an error naming both plugins."""
 
 
 @hookspec

@@ -15,13 +15,14 @@ from typing import Any
 import pluggy
 
 from fedbench import hookspecs
-from fedbench.components import BASES, Component
+from fedbench.components import BASES, STACK_KINDS, Component
 from fedbench.errors import FedbenchError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "fedbench"
 _HOOK_FOR_KIND = {
     "attack": "register_attacks",
     "defense": "register_defenses",
+    "preaggregator": "register_preaggregators",
     "aggregator": "register_aggregators",
     "dataset": "register_datasets",
     "model": "register_models",
@@ -30,6 +31,7 @@ _HOOK_FOR_KIND = {
 _PLURAL = {
     "attack": "attacks",
     "defense": "client defenses",
+    "preaggregator": "pre-aggregators",
     "aggregator": "aggregators",
     "dataset": "datasets",
     "model": "models",
@@ -66,6 +68,13 @@ class Registry:
             raise FedbenchError(
                 f"{kind} '{name}' is registered twice: by {known[name].origin} and by {origin}"
             )
+        if kind in STACK_KINDS:  # one namespace: a defense stack names parts without their kind
+            for other in STACK_KINDS:
+                if other != kind and name in self._by_kind[other]:
+                    raise FedbenchError(
+                        f"'{name}' is registered twice in defense stacks: as {other} by "
+                        f"{self._by_kind[other][name].origin} and as {kind} by {origin}"
+                    )
         known[name] = Entry(cls, origin)
 
     def names(self, kind: str) -> list[str]:

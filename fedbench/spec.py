@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from fedbench.components import Component, ParamInfo
+from fedbench.components import STACK_KINDS, Component, ParamInfo
 from fedbench.errors import SpecError
 from fedbench.plugins import Registry, registry, unknown_message
 
@@ -69,7 +69,10 @@ def _label(name: str, params) -> str:
 
 
 def format_value(value: Any) -> str:
-    """A parameter value as the spec grammar writes it (``true``/``false`` for booleans)."""
+    """A parameter value as the spec grammar writes it (``true``/``false`` for booleans, ``auto``
+    for an optional parameter left to the component)."""
+    if value is None:
+        return "auto"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -119,51 +122,68 @@ def parse_component(kind: str, text: str, reg: Registry | None = None) -> Compon
 
 @dataclass(frozen=True)
 class DefenseStack:
-    """Client defenses in the order they run, and the one aggregator."""
+    """A defense stack: client defenses in the order they run inside benign clients' training, and
+    the server stage -- pre-aggregators in the order they run, then the one aggregator."""
 
     client: tuple[ComponentSpec, ...]
     aggregator: ComponentSpec
+    preaggregators: tuple[ComponentSpec, ...] = ()
+
+    def parts(self) -> tuple[ComponentSpec, ...]:
+        """Every part in canonical order: pre-aggregators, the aggregator, client defenses."""
+        return (*self.preaggregators, self.aggregator, *self.client)
 
     def __str__(self) -> str:
-        return "+".join(str(part) for part in (self.aggregator, *self.client) if not _implied(part, self))
+        return "+".join(str(part) for part in self.parts() if not _implied(part, self))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"client": [c.to_dict() for c in self.client], "aggregator": self.aggregator.to_dict()}
+        data = {"client": [c.to_dict() for c in self.client], "aggregator": self.aggregator.to_dict()}
+        if self.preaggregators:  # only when present, so stacks without them keep their hashes
+            data["preaggregators"] = [p.to_dict() for p in self.preaggregators]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DefenseStack":
-        return cls(tuple(ComponentSpec.from_dict(c) for c in data["client"]), ComponentSpec.from_dict(data["aggregator"]))
+        return cls(
+            tuple(ComponentSpec.from_dict(c) for c in data["client"]),
+            ComponentSpec.from_dict(data["aggregator"]),
+            tuple(ComponentSpec.from_dict(p) for p in data.get("preaggregators", ())),
+        )
 
 
 def _implied(part: ComponentSpec, stack: DefenseStack) -> bool:
-    """``fedavg`` is left out of a label when client defenses are present (``wbc`` = ``fedavg+wbc``)."""
-    return part is stack.aggregator and part.name == "fedavg" and not part.params and bool(stack.client)
+    """``fedavg`` is left out of a label when anything else is in the stack (``wbc`` = ``fedavg+wbc``)."""
+    return (part is stack.aggregator and part.name == "fedavg" and not part.params
+            and bool(stack.client or stack.preaggregators))
 
 
 def parse_defense(text: str, reg: Registry | None = None) -> DefenseStack:
-    """Parse a defense stack such as ``cma+wbc:s=0.4``."""
+    """Parse a defense stack such as ``cma+wbc:s=0.4`` or ``nnm+bucketing:s=2+krum``.
+
+    Each part is a client defense, a pre-aggregator or an aggregator (their names share one
+    namespace). Client defenses keep their order, pre-aggregators theirs; where the aggregator is
+    written does not matter, it always runs after the pre-aggregators."""
     reg = reg or registry()
     parts = [p for p in text.split("+")]
     if not text.strip() or any(not p.strip() for p in parts):
         raise SpecError(f"empty part in defense stack {text!r}")
-    client: list[ComponentSpec] = []
-    aggregators: list[ComponentSpec] = []
+    found: dict[str, list[ComponentSpec]] = {kind: [] for kind in STACK_KINDS}
     for part in parts:
         name, params = _split_params(part)
-        kind = next((k for k in ("defense", "aggregator") if name in reg.names(k)), None)
+        kind = next((k for k in STACK_KINDS if name in reg.names(k)), None)
         if kind is None:
-            known = reg.names("defense") + reg.names("aggregator")
-            raise SpecError(unknown_message("defense", name, sorted(known)).replace(
-                "known client defenses", "known defenses and aggregators"))
-        spec = resolve(kind, reg.get(kind, name), params)
-        (client if kind == "defense" else aggregators).append(spec)
+            known = sorted(n for k in STACK_KINDS for n in reg.names(k))
+            raise SpecError(unknown_message("defense", name, known).replace(
+                "known client defenses", "known defenses, pre-aggregators and aggregators"))
+        found[kind].append(resolve(kind, reg.get(kind, name), params))
+    aggregators = found["aggregator"]
     if len(aggregators) > 1:
         raise SpecError(
             f"defense stack {text!r} names {len(aggregators)} aggregators "
             f"({', '.join(a.name for a in aggregators)}); a stack takes at most one"
         )
     aggregator = aggregators[0] if aggregators else resolve("aggregator", reg.get("aggregator", "fedavg"), {})
-    return DefenseStack(tuple(client), aggregator)
+    return DefenseStack(tuple(found["defense"]), aggregator, tuple(found["preaggregator"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,7 +353,7 @@ def make_cell(
             f"attack round {late[0]} is beyond the last round ({rounds}); give attack rounds "
             f"between 1 and {rounds}, or more --rounds"
         )
-    return CellSpec(
+    cell = CellSpec(
         dataset=ds,
         partition=parse_component("partition", partition, reg),
         model=parse_component("model", model or ds_cls.default_model, reg),
@@ -344,3 +364,8 @@ def make_cell(
         seed=int(seed),
         rounds=rounds,
     )
+    from fedbench.server import Server
+
+    # A rule beyond its breakdown point (krum with n < 2f+3, ...) is refused here, before any cell runs.
+    Server.build(cell.defense, reg).check(n=cell.scenario.clients_per_round, f=cell.scenario.num_malicious)
+    return cell

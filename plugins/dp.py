@@ -21,15 +21,7 @@ import torch
 import fedbench
 from fedbench.components import NON_NEGATIVE, POSITIVE
 from fedbench.rng import laplace
-
-
-def clip_to_norm(updates: torch.Tensor, clip: float) -> torch.Tensor:
-    """Scale each row of ``updates`` [C, P] to L2 norm <= ``clip``; rows already inside are unchanged.
-
-    The factor is min(1, clip / ||row||), which bounds one client's contribution (the sensitivity the
-    noise is calibrated to) without touching small updates."""
-    norms = torch.linalg.vector_norm(updates, dim=1, keepdim=True)
-    return updates * torch.clamp(clip / norms, max=1.0)
+from fedbench.vectors import clip_to_norm
 
 
 def laplace_scale(sigma: float, sensitivity: float, num_params: int) -> float:
@@ -77,14 +69,14 @@ class CentralDP(fedbench.Aggregator):
     clip: float = fedbench.param(5.0, "L2 clip norm C of each client update", check=POSITIVE)
     sigma: float = fedbench.param(1.0, "noise-to-sensitivity ratio: noise norm is about sigma * C * max weight", check=NON_NEGATIVE)
 
-    def aggregate(self, updates, weights, generator):
+    def aggregate(self, updates, weights, ctx):
         w = weights.to(updates.dtype)
         w = w / w.sum()
         mean = w @ clip_to_norm(updates, self.clip)
         if self.sigma == 0:
             return mean
         scale = laplace_scale(self.sigma, self.clip * float(w.max()), updates.shape[1])
-        return mean + laplace(mean.shape, scale, generator, dtype=mean.dtype).to(mean.device)
+        return mean + laplace(mean.shape, scale, ctx.generator, dtype=mean.dtype).to(mean.device)
 
 
 @fedbench.hookimpl

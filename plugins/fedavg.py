@@ -14,7 +14,7 @@ class FedAvg(fedbench.Aggregator):
 
     name: ClassVar[str] = "fedavg"
 
-    def aggregate(self, updates, weights, generator):
+    def aggregate(self, updates, weights, ctx):
         w = weights.to(updates.dtype)
         return (w / w.sum()) @ updates
 

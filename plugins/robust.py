@@ -33,7 +33,7 @@ class CoordinateMedian(fedbench.Aggregator):
 
     name: ClassVar[str] = "cma"
 
-    def aggregate(self, updates, weights, generator):
+    def aggregate(self, updates, weights, ctx):
         n = len(updates)
         if n == 0:
             raise fedbench.FedbenchError("cma: the median of no client updates is undefined; need n >= 1")
@@ -64,7 +64,7 @@ class TrimmedMean(fedbench.Aggregator):
         0.1, "fraction trimmed from EACH side (0.4 keeps 2 of 10)", check=fedbench.Range(lo=0, hi=0.5, hi_open=True)
     )
 
-    def aggregate(self, updates, weights, generator):
+    def aggregate(self, updates, weights, ctx):
         n = len(updates)
         k = trimmed_count(self.beta, n)
         if n - 2 * k < 1:

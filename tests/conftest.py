@@ -127,7 +127,7 @@ class PlainMean(fedbench.Aggregator):
 
     name: ClassVar[str] = "test-mean"
 
-    def aggregate(self, updates, weights, generator):
+    def aggregate(self, updates, weights, ctx):
         return updates.mean(0)
 
 
@@ -138,7 +138,7 @@ class RecordingFedAvg(fedbench.Aggregator):
     name: ClassVar[str] = "test-record"
     calls: ClassVar[list] = []
 
-    def aggregate(self, updates, weights, generator):
+    def aggregate(self, updates, weights, ctx):
         RecordingFedAvg.calls.append((tuple(updates.shape), weights.tolist()))
         w = weights.to(updates.dtype)
         return (w / w.sum()) @ updates

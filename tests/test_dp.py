@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fedbench
+from fedbench.components import ServerContext
 from fedbench.rng import laplace
 from fedbench_plugins.dp import CentralDP, LocalDP, clip_to_norm, laplace_scale
 
@@ -56,7 +57,7 @@ def test_ldp_with_sigma_zero_only_clips():
 
 def test_cdp_with_sigma_zero_is_the_weighted_mean_of_clipped_updates():
     updates = torch.tensor([[6.0, 8.0], [0.0, 1.0]])  # row 0 clips to [3, 4]; row 1 stays
-    out = CentralDP(clip=5.0, sigma=0.0).aggregate(updates, torch.tensor([1.0, 3.0]), gen(0))
+    out = CentralDP(clip=5.0, sigma=0.0).aggregate(updates, torch.tensor([1.0, 3.0]), ServerContext(generator=gen(0)))
     assert out.tolist() == pytest.approx([0.25 * 3.0, 0.25 * 4.0 + 0.75 * 1.0])
 
 
@@ -76,18 +77,18 @@ def test_ldp_noise_is_laplace_with_scale_sigma_c_over_sqrt_2d():
 
 
 def test_cdp_noise_is_laplace_with_scale_b_for_a_single_client():
-    out = CentralDP(clip=5.0, sigma=1.0).aggregate(torch.zeros(1, D), torch.tensor([42.0]), gen(7))
+    out = CentralDP(clip=5.0, sigma=1.0).aggregate(torch.zeros(1, D), torch.tensor([42.0]), ServerContext(generator=gen(7)))
     assert_laplace_scale(out, 5.0 / math.sqrt(2 * D))
 
 
 @pytest.mark.parametrize("m", [2, 10])
 def test_cdp_noise_scale_shrinks_with_the_number_of_equally_weighted_clients(m):
-    out = CentralDP(clip=5.0, sigma=1.0).aggregate(torch.zeros(m, D), torch.full((m,), 600.0), gen(7))
+    out = CentralDP(clip=5.0, sigma=1.0).aggregate(torch.zeros(m, D), torch.full((m,), 600.0), ServerContext(generator=gen(7)))
     assert_laplace_scale(out, 5.0 / math.sqrt(2 * D) / m)
 
 
 def test_cdp_noise_scale_follows_the_largest_normalised_weight():
-    out = CentralDP(clip=5.0, sigma=1.0).aggregate(torch.zeros(2, D), torch.tensor([300.0, 100.0]), gen(7))
+    out = CentralDP(clip=5.0, sigma=1.0).aggregate(torch.zeros(2, D), torch.tensor([300.0, 100.0]), ServerContext(generator=gen(7)))
     assert_laplace_scale(out, 5.0 / math.sqrt(2 * D) * 0.75)
 
 
@@ -121,8 +122,8 @@ def test_cdp_is_deterministic_for_a_fixed_generator_seed():
     updates = torch.randn(5, 300, generator=gen(0)) * 3
     cdp = CentralDP(clip=2.0, sigma=0.5)
     weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert torch.equal(cdp.aggregate(updates, weights, gen(3)), cdp.aggregate(updates, weights, gen(3)))
-    assert not torch.equal(cdp.aggregate(updates, weights, gen(3)), cdp.aggregate(updates, weights, gen(4)))
+    assert torch.equal(cdp.aggregate(updates, weights, ServerContext(generator=gen(3))), cdp.aggregate(updates, weights, ServerContext(generator=gen(3))))
+    assert not torch.equal(cdp.aggregate(updates, weights, ServerContext(generator=gen(3))), cdp.aggregate(updates, weights, ServerContext(generator=gen(4))))
 
 
 # --------------------------------------------------------------------------------------------------

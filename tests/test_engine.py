@@ -130,9 +130,9 @@ def test_schedule_and_client_selection_do_not_depend_on_the_defense(toy_plugin, 
 def test_fedavg_weights_updates_by_sample_count():
     fedavg = registry().get("aggregator", "fedavg")()
     updates = torch.tensor([[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]])
-    out = fedavg.aggregate(updates, torch.tensor([1.0, 3.0]), torch.Generator())
+    out = fedavg.aggregate(updates, torch.tensor([1.0, 3.0]), fedbench.ServerContext())
     assert torch.allclose(out, torch.tensor([4.0, 5.0, 6.0]))  # (1*u1 + 3*u2) / 4
-    equal = fedavg.aggregate(updates, torch.tensor([10, 10]), torch.Generator())
+    equal = fedavg.aggregate(updates, torch.tensor([10, 10]), fedbench.ServerContext())
     assert torch.allclose(equal, torch.tensor([3.0, 4.0, 5.0]))
 
 
@@ -355,7 +355,7 @@ class NaNAggregator(fedbench.Aggregator):
 
     name: ClassVar[str] = "test-nan"
 
-    def aggregate(self, updates, weights, generator):
+    def aggregate(self, updates, weights, ctx):
         return torch.full((updates.shape[1],), float("nan"))
 
 

@@ -14,7 +14,7 @@ def aggregate(rule: fedbench.Aggregator, rows, weights=None) -> torch.Tensor:
     updates = torch.tensor(rows, dtype=torch.float32)
     if weights is None:
         weights = torch.ones(len(rows))
-    return rule.aggregate(updates, torch.as_tensor(weights, dtype=torch.float32), torch.Generator().manual_seed(0))
+    return rule.aggregate(updates, torch.as_tensor(weights, dtype=torch.float32), fedbench.ServerContext())
 
 
 def build(spec: str) -> fedbench.Aggregator:
@@ -53,7 +53,7 @@ def test_cma_of_a_single_update_is_that_update():
 
 def test_cma_of_no_updates_is_an_error():
     with pytest.raises(fedbench.FedbenchError, match="n >= 1"):
-        CoordinateMedian().aggregate(torch.zeros(0, 3), torch.zeros(0), torch.Generator())
+        CoordinateMedian().aggregate(torch.zeros(0, 3), torch.zeros(0), fedbench.ServerContext())
 
 
 def test_cma_ignores_client_weights():
@@ -127,7 +127,7 @@ def test_ctma_keeps_at_least_one_value_and_rejects_an_empty_stack_naming_beta_an
     assert aggregate(TrimmedMean(beta=0.4), [[1.0], [3.0]]).tolist() == [2.0]
     assert aggregate(TrimmedMean(beta=0.4), [[float(v)] for v in (5, 1, 3, 2, 4)]).tolist() == [3.0]
     with pytest.raises(fedbench.FedbenchError, match=r"beta=0\.4.*n=0"):
-        TrimmedMean(beta=0.4).aggregate(torch.zeros(0, 3), torch.zeros(0), torch.Generator())
+        TrimmedMean(beta=0.4).aggregate(torch.zeros(0, 3), torch.zeros(0), fedbench.ServerContext())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,6 +144,6 @@ def test_robust_rules_keep_shape_dtype_and_a_unanimous_vote(spec):
     rule = build(spec)
     row = torch.linspace(-1, 1, 11, dtype=torch.float64)
     updates = row.expand(10, -1).clone()
-    out = rule.aggregate(updates, torch.ones(10), torch.Generator())
+    out = rule.aggregate(updates, torch.ones(10), fedbench.ServerContext())
     assert out.shape == (11,) and out.dtype == torch.float64
     assert torch.equal(out, row)

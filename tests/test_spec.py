@@ -135,7 +135,7 @@ def test_unknown_defense_lists_defenses_and_aggregators(toy_plugin):
         parse_defense("test-noise+nope")
     message = str(err.value)
     assert "'nope'" in message
-    listed = message.split("known defenses and aggregators: ", 1)[1].split(", ")
+    listed = message.split("known defenses, pre-aggregators and aggregators: ", 1)[1].split(", ")
     assert {"fedavg", "test-mean", "test-noise", "test-shrink"} <= set(listed)
 
 

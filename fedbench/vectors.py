@@ -1,0 +1,64 @@
+"""Geometry of a stack of client vectors ``[n, P]``: the one place for what robust rules and attacks share.
+
+Pairwise distances and cosine similarities come from one Gram matrix (one ``[n, P] x [P, n]``
+matrix product) rather than loops over clients, and norms are taken in float64 so that a huge
+update (a malicious one, say) cannot overflow float32 (above about 1.8e19 a float32 norm is inf and
+a clip factor ``c / norm`` would zero the row instead of scaling it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row, in float64 (``[n]``)."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+
+
+def clip_to_norm(x: torch.Tensor, clip: float | torch.Tensor) -> torch.Tensor:
+    """Scale each row to L2 norm <= ``clip``; rows already inside are unchanged.
+
+    The factor is min(1, clip / ||row||), which bounds one client's contribution without touching
+    small updates; an all-zero row stays zero. ``clip`` may be a scalar or one value per row."""
+    factor = torch.clamp(torch.as_tensor(clip, dtype=torch.float64, device=x.device) / norms(x), max=1.0)
+    return x * factor.to(x.dtype).unsqueeze(1)
+
+
+def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances between all rows (``[n, n]``, exact zeros on the diagonal).
+
+    ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b from the Gram matrix of the rows. The rows are centred
+    on their mean first (distances do not change) so that the subtraction does not cancel away the
+    small distances between similar updates far from the origin; the accumulation is in float64."""
+    c = (x - x.mean(dim=0, keepdim=True)).to(torch.float64) if x.dtype != torch.float64 else x - x.mean(dim=0, keepdim=True)
+    gram = c @ c.T
+    sq = torch.diagonal(gram)
+    d = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * gram).clamp_min_(0)
+    d.fill_diagonal_(0)
+    return d
+
+
+def cosine_similarities(x: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity between all rows (``[n, n]``, float64); a zero row has similarity 0 to all."""
+    n = norms(x)
+    gram = x.to(torch.float64) @ x.to(torch.float64).T if x.dtype != torch.float64 else x @ x.T
+    denom = torch.outer(n, n)
+    return torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(gram))
+
+
+def nearest(distances: torch.Tensor, k: int, *, include_self: bool) -> torch.Tensor:
+    """Indices ``[n, k]`` of each row's ``k`` nearest rows by ``distances`` (``[n, n]``), nearest first.
+
+    Ties break by the lower index (a stable sort), so the result does not depend on torch's
+    partial-sort implementation. With ``include_self=False`` a row is never its own neighbour."""
+    d = distances.clone()
+    if not include_self:
+        d.fill_diagonal_(float("inf"))
+    return torch.sort(d, dim=1, stable=True).indices[:, :k]
+
+
+def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted mean of the rows: ``sum_i w_i x_i / sum_i w_i``."""
+    w = weights.to(x.dtype)
+    return (w / w.sum()) @ x
