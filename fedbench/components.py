@@ -207,6 +207,10 @@ class MaliciousRound:
     defenses) so an attack only describes *what* to train on and *which objective*; it returns
     updates with a leading client axis. ``benign_updates`` is set only for attacks that declare
     ``omniscient = True``: the engine then trains the benign clients of the round first.
+    ``aggregate(updates)`` runs the cell's server stage (pre-aggregators and aggregator) as a black
+    box on a candidate stack of all the round's updates, malicious rows first, ``[n, P] -> [P]``:
+    what aggregator-aware attacks (Fang, ALIE/IPM with a searched strength) optimise against. It
+    never changes the real server's state.
     """
 
     round: int
@@ -217,6 +221,7 @@ class MaliciousRound:
     forward: Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (flat params, x) -> logits
     generator: "torch.Generator"
     benign_updates: "torch.Tensor | None" = None
+    aggregate: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
 
 
 class Attack(Component):
@@ -227,12 +232,21 @@ class Attack(Component):
     1. change a malicious client's data and objective: ``malicious_updates`` chooses what
        ``MaliciousRound.train`` trains on, with which loss;
     2. change or replace the malicious updates after training (boosting, crafted vectors);
-    3. see the round's benign updates, when ``omniscient = True``;
+    3. see the round's benign updates, when ``omniscient = True``, and query the cell's server
+       stage on candidate updates (``MaliciousRound.aggregate``);
     4. measure its success on the global model every round: ``metrics`` and ``mitigated``.
+
+    Success is the ``success`` metric (0..1, higher = the attack works better). An **untargeted**
+    attack (``untargeted = True``: it only wants the model to be worse) has the benign error as its
+    success -- the engine records ``success = 1 - accuracy`` every round -- and counts as mitigated
+    once the benign accuracy is back within ``RECOVERY`` (2 points) of the round before the attack.
     """
 
     kind: ClassVar[str] = "attack"
     omniscient: ClassVar[bool] = False
+    untargeted: ClassVar[bool] = False
+    #: how close to the pre-attack accuracy an untargeted attack's victim must come to count as recovered
+    RECOVERY: ClassVar[float] = 0.02
     #: ``False`` only for the ``none`` attack: the run then has no malicious clients at all.
     active: ClassVar[bool] = True
 
@@ -251,9 +265,16 @@ class Attack(Component):
         """The attack's success measures on the current global model (``forward(x) -> logits``)."""
         return {}
 
-    def mitigated(self, metrics: Mapping[str, float], benign_error: float) -> bool:
+    def mitigated(self, metrics: Mapping[str, float], benign_error: float) -> bool | None:
         """Whether the attack's effect counts as gone in a round with these metrics (section 5 of
-        the reference: the threshold that ends an attack-mitigation count)."""
+        the reference: the threshold that ends an attack-mitigation count).
+
+        ``metrics`` also holds ``pre_attack_accuracy``, the benign accuracy of the round before the
+        attack round (``None`` for an attack in the run's first round). Return ``None`` when the
+        attack's effect cannot be judged: that attack round then gets no count (n/a), never 0."""
+        if self.untargeted:
+            before = metrics.get("pre_attack_accuracy")
+            return None if before is None else metrics["accuracy"] >= before - self.RECOVERY
         return metrics.get("success", 0.0) < 0.5
 
 

@@ -22,6 +22,8 @@ The loop reads as the algorithm::
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -180,6 +182,15 @@ def run_cell(
             ]
             benign_updates = train.train(global_flat, jobs, setup, defenses=client_defenses)
             updates = benign_updates
+            weights = sizes[torch.tensor(malicious_ids + benign_ids, device=dev)]
+            ctx = ServerContext(
+                round=rnd,
+                client_ids=tuple(malicious_ids + benign_ids),
+                global_params=global_flat,
+                num_byzantine=sc.num_malicious,
+                generator=rng.generator(seed, "aggregate", rnd, device=dev),
+                root_update=None if root is None else _root_trainer(train, global_flat, setup, train_x[root], train_y[root], seed, rnd),
+            )
             if malicious_ids:
                 malicious = attack.malicious_updates(
                     MaliciousRound(
@@ -191,6 +202,7 @@ def run_cell(
                         forward=lambda flat, x: model.forward(flat)(x),
                         generator=rng.generator(seed, "attack", rnd),
                         benign_updates=benign_updates if attack.omniscient else None,
+                        aggregate=_server_oracle(server, weights, ctx, seed, rnd),
                     )
                 )
                 if tuple(malicious.shape) != (len(malicious_ids), model.num_params):
@@ -199,16 +211,7 @@ def run_cell(
                         f"expected {(len(malicious_ids), model.num_params)}"
                     )
                 updates = torch.cat([malicious, benign_updates])
-            weights = sizes[torch.tensor(malicious_ids + benign_ids, device=dev)]
             t1 = time.perf_counter()
-            ctx = ServerContext(
-                round=rnd,
-                client_ids=tuple(malicious_ids + benign_ids),
-                global_params=global_flat,
-                num_byzantine=sc.num_malicious,
-                generator=rng.generator(seed, "aggregate", rnd, device=dev),
-                root_update=None if root is None else _root_trainer(train, global_flat, setup, train_x[root], train_y[root], seed, rnd),
-            )
             global_flat = global_flat + server(updates, weights, ctx)
             t2 = time.perf_counter()
 
@@ -218,6 +221,8 @@ def run_cell(
             row: dict[str, Any] = {"round": rnd, "adversarial": adversarial, "accuracy": acc, "loss": loss, "eval_n": len(y)}
             with torch.no_grad():
                 row.update({k: float(v) for k, v in attack.metrics(forward).items()})
+            if attack.untargeted and "success" not in row:
+                row["success"] = 1.0 - acc  # an untargeted attack's success is the benign error
             t3 = time.perf_counter()
             timings["train"] += t1 - t0
             timings["aggregate"] += t2 - t1
@@ -259,6 +264,23 @@ def _malicious_trainer(trainer, global_flat, setup: LocalSetup, seed: int, rnd: 
         return trainer.train(global_flat, jobs, local, **kwargs)
 
     return train
+
+
+def _server_oracle(server: Server, weights: torch.Tensor, ctx: ServerContext, seed: int, rnd: int):
+    """``MaliciousRound.aggregate``: the cell's server stage as a black box on candidate updates.
+
+    Each query runs a copy of the stage (stateful rules keep their real state untouched) with this
+    round's weights, client ids and a fresh copy of this round's server stream, so it returns what
+    the real aggregation would return for those updates -- the strongest, omniscient attacker."""
+
+    def aggregate(candidate: torch.Tensor) -> torch.Tensor:
+        if tuple(candidate.shape[:1]) != tuple(weights.shape):
+            raise FedbenchError(f"the server oracle takes all {len(weights)} updates of the round (malicious first), "
+                                f"got {tuple(candidate.shape)}")
+        fresh = dataclasses.replace(ctx, generator=rng.generator(seed, "aggregate", rnd, device=weights.device))
+        return copy.deepcopy(server)(candidate, weights, fresh)
+
+    return aggregate
 
 
 def root_indices(count: int, n_train: int, seed: int) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ Evaluation policy (``Scenario.eval``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ class Mitigation:
 def mitigation_rounds(
     series: Sequence[Mapping[str, float]],
     adversarial: Sequence[int],
-    mitigated: Callable[[Mapping[str, float], float], bool],
+    mitigated: Callable[[Mapping[str, float], float], Optional[bool]],
     success_key: str = "success",
     first_round: int = 1,
 ) -> list[Mitigation]:
@@ -85,8 +85,15 @@ def mitigation_rounds(
     ``series[r - first_round]`` holds the metrics evaluated after round ``r`` (a warm-started run
     begins after round 1) (with ``accuracy``, the benign
     accuracy whose complement is the benign error rate, and the attack's own metrics);
-    ``mitigated(metrics, benign_error)`` is the attack's criterion.
+    ``mitigated(metrics, benign_error)`` is the attack's criterion; ``metrics`` also carries
+    ``pre_attack_accuracy`` (the benign accuracy of the round before the attack round, ``None`` in the
+    first round), and a criterion that answers ``None`` leaves that attack round without a count.
+
+    An attack that reports no ``success_key`` metric has no mitigation count at all (``[]``, shown
+    as n/a): counting it as mitigated at once would read as a perfect defense.
     """
+    if not any(success_key in row for row in series):
+        return []
     attacks = sorted(adversarial)
     last = first_round + len(series) - 1
     out = []
@@ -96,11 +103,17 @@ def mitigation_rounds(
         horizon = attacks[i + 1] - 1 if i + 1 < len(attacks) else last  # rounds t..horizon are this attack's
         row = series[t - first_round]
         peak = float(row.get(success_key, float("nan")))
-        result = None
+        before = series[t - first_round - 1]["accuracy"] if t > first_round else None
+        result, judged = None, True
         for r in range(t, horizon + 1):
             m = series[r - first_round]
-            if mitigated(m, 1.0 - m["accuracy"]):
+            verdict = mitigated({**m, "pre_attack_accuracy": before}, 1.0 - m["accuracy"])
+            if verdict is None:
+                judged = False
+                break
+            if verdict:
                 result = Mitigation(t, r - t, False, peak)
                 break
-        out.append(result or Mitigation(t, horizon - t, True, peak))
+        if judged:
+            out.append(result or Mitigation(t, horizon - t, True, peak))
     return out

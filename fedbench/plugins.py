@@ -96,8 +96,37 @@ class Registry:
             raise UnknownComponentError(unknown_message(kind, name, self.names(kind))) from None
 
 
-def unknown_message(kind: str, name: str, known: list[str]) -> str:
-    return f"unknown {kind} '{name}'; known {_PLURAL[kind]}: {', '.join(known) or '(none loaded)'}"
+def unknown_message(kind: str, name: str, known: list[str], kinds: tuple[str, ...] | None = None) -> str:
+    """``unknown attack 'x'; known attacks: ...``, plus, when ``FEDBENCH_PLUGINS`` restricts loading,
+    which left-out plugin registers the name (``kinds``: where to look, default ``(kind,)``)."""
+    text = f"unknown {kind} '{name}'; known {_PLURAL[kind]}: {', '.join(known) or '(none loaded)'}"
+    return text + _left_out_hint(name, kinds or (kind,))
+
+
+def _left_out_hint(name: str, kinds: tuple[str, ...]) -> str:
+    """Why a name is unknown when ``FEDBENCH_PLUGINS`` is set: the entry point that would register it.
+
+    Only on this error path are the left-out entry points imported, to ask their register hooks."""
+    selected = _selected_names()
+    if selected is None:
+        return ""
+    restriction = f"FEDBENCH_PLUGINS={os.environ.get('FEDBENCH_PLUGINS', '')}"
+    for ep in _entry_points():
+        if ep.name in selected:
+            continue
+        names: list[str] = []
+        try:
+            plugin = ep.load()
+            for kind in kinds:
+                hook = getattr(plugin, _HOOK_FOR_KIND[kind], None)
+                if hook is not None:
+                    hook(register=lambda cls: names.append(getattr(cls, "name", None)))
+        except Exception:  # noqa: BLE001 - a broken plugin must not hide the original error
+            continue
+        if name in names:
+            return (f" ('{name}' is registered by plugin '{ep.name}', which {restriction} leaves out; "
+                    f"add {ep.name} to FEDBENCH_PLUGINS or unset it)")
+    return f" ({restriction} loads only those plugins and the core)"
 
 
 def _selected_names() -> set[str] | None:

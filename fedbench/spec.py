@@ -173,7 +173,7 @@ def parse_defense(text: str, reg: Registry | None = None) -> DefenseStack:
         kind = next((k for k in STACK_KINDS if name in reg.names(k)), None)
         if kind is None:
             known = sorted(n for k in STACK_KINDS for n in reg.names(k))
-            raise SpecError(unknown_message("defense", name, known).replace(
+            raise SpecError(unknown_message("defense", name, known, STACK_KINDS).replace(
                 "known client defenses", "known defenses, pre-aggregators and aggregators"))
         found[kind].append(resolve(kind, reg.get(kind, name), params))
     aggregators = found["aggregator"]

@@ -294,7 +294,7 @@ def test_adversarial_rows_and_attack_calls_follow_the_schedule(toy_plugin):
     assert result.adversarial_rounds == [2, 4]
     assert [row["adversarial"] for row in result.rounds] == [False, True, False, True, False]
     assert registry().get("attack", "test-boost").calls == [(2, (0, 1, 2, 3, 4)), (4, (0, 1, 2, 3, 4))]
-    assert [m.attack_round for m in result.mitigation] == [2, 4]
+    assert result.mitigation == []  # test-boost reports no success metric: no mitigation count (n/a)
 
 
 def test_run_result_records_rounds_metrics_and_timings():

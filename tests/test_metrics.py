@@ -79,9 +79,15 @@ def test_mitigation_criterion_sees_the_benign_error_rate():
     assert seen == pytest.approx([0.3, 0.3, 0.25])
 
 
-def test_missing_success_metric_gives_a_nan_peak():
-    (m,) = mitigation_rounds([{"accuracy": 0.9}], [1], lambda metrics, err: True)
-    assert math.isnan(m.peak) and m.rounds == 0
+def test_an_attack_without_a_success_metric_has_no_mitigation_count():
+    """Counting it as mitigated at once (0 rounds) would read as a perfect defense: it is n/a."""
+    assert mitigation_rounds([{"accuracy": 0.9}, {"accuracy": 0.8}], [1], lambda metrics, err: True) == []
+
+
+def test_a_round_without_the_success_metric_gives_a_nan_peak():
+    not_yet = lambda metrics, err: metrics.get("success", 1.0) < 0.5  # noqa: E731
+    (m,) = mitigation_rounds([{"accuracy": 0.9}, {"accuracy": 0.9, "success": 0.2}], [1], not_yet)
+    assert math.isnan(m.peak) and (m.rounds, m.censored) == (1, False)
 
 
 def test_default_attack_criterion_is_success_below_one_half():
@@ -142,3 +148,54 @@ def test_evaluate_gives_accuracy_and_mean_cross_entropy_over_batches():
     assert accuracy == pytest.approx(3 / 5)
     expected = (3 * -math.log(0.75) + 2 * -math.log(0.25)) / 5
     assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_criterion_sees_the_accuracy_of_the_round_before_the_attack():
+    seen = []
+    rows = [{"accuracy": 0.8, "success": 0.0}, {"accuracy": 0.3, "success": 0.7}, {"accuracy": 0.79, "success": 0.2}]
+    mitigation_rounds(rows, [2], lambda m, err: seen.append(m["pre_attack_accuracy"]) or False)
+    assert seen == [0.8, 0.8]
+    seen.clear()
+    mitigation_rounds(rows, [1], lambda m, err: seen.append(m["pre_attack_accuracy"]) or False)
+    assert seen == [None, None, None]
+
+
+def test_an_unjudgeable_attack_round_gets_no_count():
+    rows = [{"accuracy": 0.3, "success": 0.7}, {"accuracy": 0.8, "success": 0.2}, {"accuracy": 0.4, "success": 0.6}]
+    criterion = lambda m, err: None if m["pre_attack_accuracy"] is None else m["accuracy"] >= 0.75  # noqa: E731
+    assert [(m.attack_round, str(m)) for m in mitigation_rounds(rows, [1, 3], criterion)] == [(3, ">0")]
+
+
+def test_an_untargeted_attack_is_mitigated_once_accuracy_is_back_within_two_points():
+    class Untargeted(Attack):
+        name = "untargeted"
+        untargeted = True
+
+    rows = [{"accuracy": a, "success": 1 - a} for a in (0.80, 0.40, 0.70, 0.785, 0.79)]
+    (m,) = mitigation_rounds(rows, [2], Untargeted().mitigated)
+    assert (m.attack_round, m.rounds, m.censored) == (2, 2, False)  # 0.785 >= 0.80 - 0.02
+    assert m.peak == pytest.approx(0.6)
+    assert mitigation_rounds(rows, [1], Untargeted().mitigated) == []  # no round before round 1
+
+
+def test_the_engine_records_an_untargeted_attacks_success_as_the_benign_error(use_plugin):
+    import fedbench
+
+    class Flip(Attack):
+        """Test attack: uploads the negated honest update."""
+
+        name = "test-flip"
+        untargeted = True
+
+        def malicious_updates(self, rnd):
+            return -rnd.train(rnd.client_data)
+
+    class FlipPlugin:
+        @fedbench.hookimpl
+        def register_attacks(self, register):
+            register(Flip)
+
+    use_plugin(FlipPlugin(), "flip")
+    result = fedbench.run_cell(fedbench.make_cell(dataset="digits", attack="test-flip", rounds=4, attack_rounds=(3,)))
+    assert all(row["success"] == pytest.approx(1 - row["accuracy"]) for row in result.rounds)
+    assert [m.attack_round for m in result.mitigation] == [3]
