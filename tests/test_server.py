@@ -263,3 +263,44 @@ def test_fedbench_plugins_names_the_left_out_plugin_of_an_unknown_name(monkeypat
     assert "'fedavg' is registered by plugin 'fedavg', which FEDBENCH_PLUGINS=poison leaves out" in str(err.value)
     with pytest.raises(SpecError, match=r"FEDBENCH_PLUGINS=poison loads only those plugins and the core"):
         fedbench.parse_component("attack", "nope")
+
+
+@dataclass(kw_only=True)
+class OracleProbe(fedbench.Attack):
+    """Test attack: honest updates, after asking the server oracle what they would aggregate to."""
+
+    name: ClassVar[str] = "test-oracle"
+    omniscient: ClassVar[bool] = True
+    answers: ClassVar[list] = []
+
+    def malicious_updates(self, rnd):
+        honest = rnd.train(rnd.client_data)
+        OracleProbe.answers.append((rnd.round, rnd.aggregate(torch.cat([honest, rnd.benign_updates]))))
+        return honest
+
+
+def test_the_server_oracle_answers_what_the_real_aggregation_then_does_without_touching_its_state(use_plugin):
+    class Plugin(ServerPlugin):
+        @fedbench.hookimpl
+        def register_attacks(self, register):
+            register(OracleProbe)
+
+    Spy.seen.clear()
+    OracleProbe.answers.clear()
+    use_plugin(Plugin(), "oracle-test")
+    result = fedbench.run_cell(small_cell("test-spy", attack="test-oracle"))
+    assert result.status == "ok"
+    (rnd, answer), = OracleProbe.answers
+    real = [s for s in Spy.seen if s["global"] is not None]
+    # the oracle's copy ran once in round 2 (its own counter: 2), the real rule kept counting 1, 2, 3
+    assert [s["calls"] for s in real] == [1, 2, 2, 3] and [s["round"] for s in real] == [1, 2, 2, 3]
+    delta = real[3]["global"] - real[2]["global"]
+    assert rnd == 2 and torch.allclose(answer, delta, atol=1e-6)
+
+
+def test_the_server_oracle_wants_every_update_of_the_round():
+    weights = torch.ones(3)
+    oracle = engine._server_oracle(Server.build(fedbench.parse_defense("cma")), weights, ServerContext(), 0, 1)
+    assert torch.equal(oracle(torch.tensor([[1.0], [2.0], [9.0]])), torch.tensor([2.0]))
+    with pytest.raises(FedbenchError, match="takes all 3 updates of the round"):
+        oracle(torch.zeros(2, 1))
