@@ -366,8 +366,8 @@ class ServerStage(Component):
 
     def check(self, n: int, f: int) -> None:
         """Raise :class:`SpecError` when the rule cannot work with ``n`` rows per round of which ``f``
-        may be Byzantine (``f`` is the scenario's unless the rule sets its own). Called for every cell
-        before any cell runs."""
+        may be Byzantine. ``f`` is already resolved: the rule's own ``f`` parameter when it has one
+        and it is set, else the scenario's. Called for every cell before any cell runs."""
 
     def root_samples(self) -> int:
         """How many clean training samples the server holds out as its root data (0: none)."""

@@ -171,6 +171,8 @@ def get_manager() -> pluggy.PluginManager:
             pm.register(ep.load(), name=ep.name)
             _ORIGINS[ep.name] = _dist_label(ep)
         for plugin, name in _extra:
+            if pm.is_registered(plugin):  # e.g. a notebook registering a module its entry point loaded
+                continue
             if pm.get_plugin(name) is not None:
                 raise FedbenchError(f"a plugin named '{name}' is already loaded (from an entry point); choose another name")
             pm.register(plugin, name=name)
@@ -178,7 +180,8 @@ def get_manager() -> pluggy.PluginManager:
         try:
             pm.check_pending()  # a misspelled hook name is an error, not a silent no-op
         except pluggy.PluginValidationError as error:
-            raise FedbenchError(f"plugin {error.plugin_name!r}: {error}") from None
+            name = pm.get_name(error.plugin) or repr(error.plugin)
+            raise FedbenchError(f"plugin {_ORIGINS.get(name, name)}: {error}") from None
         _manager = pm
     return _manager
 

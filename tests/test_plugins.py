@@ -248,3 +248,21 @@ def test_two_plugins_registering_the_same_name_is_an_error_naming_both(use_plugi
 def test_registering_the_same_plugin_twice_is_harmless(toy_plugin):
     fedbench.register_plugin(toy_plugin, name="toy")  # e.g. a notebook cell run a second time
     assert "test-boost" in registry().names("attack")
+
+
+def test_a_misspelled_hook_name_is_a_fedbench_error_naming_the_plugin(use_plugin):
+    class Typo:
+        @fedbench.hookimpl
+        def register_atacks(self, register):  # sic
+            pass
+
+    use_plugin(Typo(), "typo")
+    with pytest.raises(fedbench.FedbenchError, match=r"plugin typo \(registered directly\):.*register_atacks"):
+        fedbench.registry()
+
+
+def test_registering_a_module_its_entry_point_already_loaded_is_harmless(use_plugin):
+    import fedbench_plugins.robust as robust
+
+    use_plugin(robust, "my-robust")
+    assert "cma" in fedbench.registry().names("aggregator")

@@ -304,3 +304,49 @@ def test_the_server_oracle_wants_every_update_of_the_round():
     assert torch.equal(oracle(torch.tensor([[1.0], [2.0], [9.0]])), torch.tensor([2.0]))
     with pytest.raises(FedbenchError, match="takes all 3 updates of the round"):
         oracle(torch.zeros(2, 1))
+
+
+def test_a_stage_returning_the_wrong_shape_is_an_error_naming_it():
+    @dataclass(kw_only=True)
+    class Scalar(fedbench.Aggregator):
+        """Returns one number instead of a vector."""
+
+        name: ClassVar[str] = "test-scalar"
+
+        def aggregate(self, updates, weights, ctx):
+            return updates.sum()
+
+    @dataclass(kw_only=True)
+    class Drop(fedbench.PreAggregator):
+        """Drops a row without saying so in output_count."""
+
+        name: ClassVar[str] = "test-drop"
+
+        def preaggregate(self, updates, weights, ctx):
+            return updates[1:], weights[1:]
+
+    u, w = torch.ones(3, 4), torch.ones(3)
+    with pytest.raises(FedbenchError, match=r"aggregator 'test-scalar' returned shape \(\); expected \(4,\)"):
+        Server([], Scalar())(u, w, ServerContext())
+    with pytest.raises(FedbenchError, match=r"pre-aggregator 'test-drop' returned updates \(2, 4\) .* expected \(3, 4\)"):
+        Server([Drop()], Scalar())(u, w, ServerContext())
+
+
+def test_a_stage_is_checked_with_its_own_f_when_it_sets_one(server_plugin):
+    seen = []
+
+    class Recording(Spy):
+        def check(self, n, f):
+            seen.append(f)
+
+    Server([], Recording(f=1)).check(10, 5)
+    Server([], Recording()).check(10, 5)
+    assert seen == [1, 5]
+
+
+def test_python_dash_m_fedbench_runs_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fedbench", "list", "aggregators"], capture_output=True, text=True)
+    assert out.returncode == 0 and "fedavg" in out.stdout and "Usage" not in out.stderr
