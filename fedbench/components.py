@@ -222,6 +222,9 @@ class MaliciousRound:
     generator: "torch.Generator"
     benign_updates: "torch.Tensor | None" = None
     aggregate: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
+    #: the server's aggregation weight of every update of the round (the clients' sample counts),
+    #: malicious rows first: what a model-replacement attacker needs (Bagdasaryan et al.'s n / eta)
+    weights: "torch.Tensor | None" = None
 
 
 class Attack(Component):

@@ -203,6 +203,7 @@ def run_cell(
                         generator=rng.generator(seed, "attack", rnd),
                         benign_updates=benign_updates if attack.omniscient else None,
                         aggregate=_server_oracle(server, weights, ctx, seed, rnd),
+                        weights=weights,
                     )
                 )
                 if tuple(malicious.shape) != (len(malicious_ids), model.num_params):
@@ -255,13 +256,16 @@ def _malicious_trainer(trainer, global_flat, setup: LocalSetup, seed: int, rnd: 
     """``MaliciousRound.train``: ordinary local training without client defenses.
 
     ``data`` is one ``(x, y)`` per malicious client; ``epochs``/``batch_size`` override the
-    scenario's; ``objective`` replaces the cross-entropy (see ``fedbench.training.Objective``)."""
+    scenario's; ``objective`` replaces the cross-entropy (see ``fedbench.training.Objective``);
+    ``hooks`` are objects with the client-defense interface (``per_step``, ``after_step``,
+    ``on_update``) through which an attack constrains its own training, e.g. a projection after
+    every step."""
 
-    def train(data, *, epochs=None, batch_size=None, objective=None):
+    def train(data, *, epochs=None, batch_size=None, objective=None, hooks=()):
         local = LocalSetup(epochs or setup.epochs, batch_size or setup.batch_size, setup.lr, setup.momentum)
         jobs = [ClientJob(x, y, batch_gen=rng.generator(seed, "attack", rnd, c)) for (x, y), c in zip(data, ids)]
         kwargs = {"objective": objective} if objective is not None else {}
-        return trainer.train(global_flat, jobs, local, **kwargs)
+        return trainer.train(global_flat, jobs, local, defenses=hooks, **kwargs)
 
     return train
 

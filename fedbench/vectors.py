@@ -62,3 +62,28 @@ def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The weighted mean of the rows: ``sum_i w_i x_i / sum_i w_i``."""
     w = weights.to(x.dtype)
     return (w / w.sum()) @ x
+
+
+def largest_passing(passes, lo: float, hi: float, *, tol: float) -> float:
+    """The largest ``x`` in ``[lo, hi]`` for which ``passes(x)`` holds, by bisection.
+
+    ``passes`` must hold below some threshold and fail above it (a monotone condition); ``lo`` is
+    taken to pass and is never evaluated. The first probe is the middle of the interval, and the
+    search stops once the next probe would lie within ``tol`` of the largest passing value found.
+    With ``lo = 0`` and ``hi = 2 gamma_init`` this is exactly the gamma search of Shejwalkar &
+    Houmansadr (NDSS 2021, Algorithm 1): start at gamma_init, step by halves, stop at tolerance tau.
+    Returns ``lo`` when nothing in ``(lo, hi]`` passes. Each probe calls ``passes`` once, so a
+    condition that runs something costly (an aggregation rule, say) is called about
+    ``log2((hi - lo) / tol)`` times.
+    """
+    if not hi >= lo:
+        raise ValueError(f"largest_passing: need lo <= hi, got lo={lo!r}, hi={hi!r}")
+    if not tol > 0:
+        raise ValueError(f"largest_passing: need tol > 0, got {tol!r}")
+    while (hi - lo) / 2 > tol:
+        mid = lo + (hi - lo) / 2
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
