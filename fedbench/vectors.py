@@ -64,6 +64,18 @@ def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (w / w.sum()) @ x
 
 
+def weighted_sum(coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_i c_i x_i`` as one matrix-vector product (no copy of the stack), where a row with
+    ``c_i = 0`` does not count at all -- even a NaN or inf row a rule has rejected (0 * NaN is NaN):
+    when the fast result is not finite it is recomputed over the rows with ``c_i != 0`` only."""
+    c = coefficients.to(device=x.device, dtype=x.dtype)
+    out = c @ x
+    if not bool(torch.isfinite(out).all()):
+        keep = (coefficients != 0).to(x.device)
+        out = c[keep] @ x[keep]
+    return out
+
+
 def largest_passing(passes, lo: float, hi: float, *, tol: float) -> float:
     """The largest ``x`` in ``[lo, hi]`` for which ``passes(x)`` holds, by bisection.
 

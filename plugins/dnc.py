@@ -16,6 +16,7 @@ import torch
 
 import fedbench
 from fedbench.components import AT_LEAST_ONE, NON_NEGATIVE
+from fedbench.vectors import weighted_sum
 
 
 def removed_count(c: float, f: int) -> int:
@@ -86,18 +87,7 @@ class DnC(fedbench.Aggregator):
             good &= kept
         if not bool(good.any()):
             return torch.zeros_like(updates[0])
-        return _weighted_sum(good.to(torch.float64) / int(good.sum()), updates)
-
-
-def _weighted_sum(coefficients: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i x_i as one matrix-vector product (no copy of the stack). A row with c_i = 0 must not
-    count at all, but 0 * NaN is NaN: when the fast result is not finite it is recomputed over the
-    rows with c_i != 0 only."""
-    out = coefficients.to(device=updates.device, dtype=updates.dtype) @ updates
-    if not bool(torch.isfinite(out).all()):
-        keep = (coefficients != 0).to(updates.device)
-        out = coefficients.to(device=updates.device, dtype=updates.dtype)[keep] @ updates[keep]
-    return out
+        return weighted_sum(good.to(torch.float64) / int(good.sum()), updates)
 
 
 @fedbench.hookimpl

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import fedbench
+from fedbench.vectors import weighted_mean
 
 
 @dataclass(kw_only=True)
@@ -15,8 +16,7 @@ class FedAvg(fedbench.Aggregator):
     name: ClassVar[str] = "fedavg"
 
     def aggregate(self, updates, weights, ctx):
-        w = weights.to(updates.dtype)
-        return (w / w.sum()) @ updates
+        return weighted_mean(updates, weights)
 
 
 @fedbench.hookimpl

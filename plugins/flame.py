@@ -14,7 +14,7 @@ import torch
 
 import fedbench
 from fedbench.components import NON_NEGATIVE
-from fedbench.vectors import cosine_similarities, norms
+from fedbench.vectors import cosine_similarities, norms, weighted_sum
 
 
 def majority_cluster(distances: torch.Tensor) -> torch.Tensor:
@@ -97,24 +97,13 @@ class Flame(fedbench.Aggregator):
         # mean over the admitted rows of min(1, S_t / ||Δ_i||) Δ_i, as one weighted sum
         scale = torch.where(row_norms > bound, bound / row_norms, torch.ones_like(row_norms))
         scale = torch.where(admitted.to(scale.device), scale, torch.zeros_like(scale))
-        out = _weighted_sum(scale / int(admitted.sum()), updates)
+        out = weighted_sum(scale / int(admitted.sum()), updates)
         if self.lam > 0:
             sigma = self.lam * float(bound)
             gen = ctx.generator
             noise = torch.randn(out.shape, generator=gen, device=gen.device, dtype=out.dtype)
             out = out + sigma * noise.to(out.device)
         return out
-
-
-def _weighted_sum(coefficients: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i x_i as one matrix-vector product (no copy of the stack). A row with c_i = 0 must not
-    count at all, but 0 * NaN is NaN: when the fast result is not finite it is recomputed over the
-    rows with c_i != 0 only."""
-    out = coefficients.to(device=updates.device, dtype=updates.dtype) @ updates
-    if not bool(torch.isfinite(out).all()):
-        keep = (coefficients != 0).to(updates.device)
-        out = coefficients.to(device=updates.device, dtype=updates.dtype)[keep] @ updates[keep]
-    return out
 
 
 @fedbench.hookimpl

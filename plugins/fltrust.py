@@ -16,7 +16,7 @@ import torch
 
 import fedbench
 from fedbench.components import AT_LEAST_ONE
-from fedbench.vectors import norms
+from fedbench.vectors import norms, weighted_sum
 
 
 @dataclass(kw_only=True)
@@ -70,19 +70,8 @@ class FLTrust(fedbench.Aggregator):
             return torch.zeros_like(g0)
         # sum_i TS_i (||g0|| / ||g_i||) g_i / sum_j TS_j, as one weighted sum of the raw rows
         coefficients = torch.where(trust > 0, trust * g0_norm / (row_norms * total), torch.zeros_like(trust))
-        return _weighted_sum(coefficients, updates)
+        return weighted_sum(coefficients, updates)
 
-
-
-def _weighted_sum(coefficients: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i x_i as one matrix-vector product (no copy of the stack). A row with c_i = 0 must not
-    count at all, but 0 * NaN is NaN: when the fast result is not finite it is recomputed over the
-    rows with c_i != 0 only."""
-    out = coefficients.to(device=updates.device, dtype=updates.dtype) @ updates
-    if not bool(torch.isfinite(out).all()):
-        keep = (coefficients != 0).to(updates.device)
-        out = coefficients.to(device=updates.device, dtype=updates.dtype)[keep] @ updates[keep]
-    return out
 
 
 @fedbench.hookimpl

@@ -14,7 +14,7 @@ import torch
 
 import fedbench
 from fedbench.components import POSITIVE
-from fedbench.vectors import cosine_similarities
+from fedbench.vectors import cosine_similarities, weighted_sum
 
 
 #: 1 - cos below this is float64 rounding of parallel histories, not a real difference
@@ -104,7 +104,7 @@ class FoolsGold(fedbench.Aggregator):
         total = float(alpha.sum())
         if total == 0:
             return torch.zeros_like(updates[0])
-        return _weighted_sum(alpha / total, updates)
+        return weighted_sum(alpha / total, updates)
 
     def _history_rows(self, client_ids: tuple[int, ...], updates: torch.Tensor) -> torch.Tensor:
         """Row of each client in the history buffer, adding zero rows for new clients (the buffer
@@ -124,17 +124,6 @@ class FoolsGold(fedbench.Aggregator):
             grown[: len(self._history)] = self._history
             self._history = grown
         return torch.tensor([self._rows[c] for c in client_ids], dtype=torch.long, device=self._history.device)
-
-
-def _weighted_sum(coefficients: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i x_i as one matrix-vector product (no copy of the stack). A row with c_i = 0 must not
-    count at all, but 0 * NaN is NaN: when the fast result is not finite it is recomputed over the
-    rows with c_i != 0 only."""
-    out = coefficients.to(device=updates.device, dtype=updates.dtype) @ updates
-    if not bool(torch.isfinite(out).all()):
-        keep = (coefficients != 0).to(updates.device)
-        out = coefficients.to(device=updates.device, dtype=updates.dtype)[keep] @ updates[keep]
-    return out
 
 
 @fedbench.hookimpl

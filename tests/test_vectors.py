@@ -74,3 +74,11 @@ def test_largest_passing_works_on_any_interval_such_as_a_log_scale():
 def test_largest_passing_rejects_an_empty_interval_or_a_non_positive_tolerance(lo, hi, tol):
     with pytest.raises(ValueError, match="largest_passing"):
         largest_passing(lambda x: True, lo, hi, tol=tol)
+
+
+def test_weighted_sum_ignores_rows_with_zero_coefficient_even_when_they_are_nan():
+    from fedbench.vectors import weighted_sum
+
+    x = torch.tensor([[1.0, 2.0], [float("nan"), float("inf")], [3.0, -1.0]])
+    assert weighted_sum(torch.tensor([0.5, 0.0, 2.0]), x).tolist() == [6.5, -1.0]
+    assert torch.isnan(weighted_sum(torch.tensor([0.5, 1.0, 2.0]), x)).any()  # a counted NaN row still counts
