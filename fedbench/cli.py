@@ -1,4 +1,8 @@
-"""The ``fedbench`` command: a thin layer of click commands over the public API."""
+"""The fedbench command: a thin layer of click commands over the public API.
+
+Docstrings of commands are their --help text, so they are plain text (no reST markup). Whatever
+fedbench prints through rich that it did not write itself -- component names, parameter values,
+messages from plugins and files, cell labels, paths -- is escaped, never read as markup."""
 
 from __future__ import annotations
 
@@ -13,14 +17,22 @@ from fedbench.errors import FedbenchError
 KIND_ALIASES = {
     "attacks": "attack", "attack": "attack",
     "defenses": "defense", "defense": "defense",
+    "preaggregators": "preaggregator", "preaggregator": "preaggregator",
+    "pre-aggregators": "preaggregator", "pre-aggregator": "preaggregator",
     "aggregators": "aggregator", "aggregator": "aggregator",
     "datasets": "dataset", "dataset": "dataset",
     "models": "model", "model": "model",
     "partitions": "partition", "partition": "partition",
 }
 TITLES = {
-    "attack": "Attacks", "defense": "Client defenses", "aggregator": "Aggregators",
+    "attack": "Attacks", "defense": "Client defenses", "preaggregator": "Pre-aggregators", "aggregator": "Aggregators",
     "dataset": "Datasets", "model": "Models", "partition": "Partitions",
+}
+#: Where each part of a defense stack runs, shown under its table by ``fedbench list``.
+STAGES = {
+    "defense": "stage: inside every benign client's local training, in the order written",
+    "preaggregator": "stage: server, before the aggregator, in the order written (e.g. nnm+bucketing:s=2+krum)",
+    "aggregator": "stage: server, one per stack (fedavg when none is named); f=auto is the scenario's malicious clients per round",
 }
 
 
@@ -53,9 +65,11 @@ def main() -> None:
 @main.command("list")
 @click.argument("kind", required=False)
 def list_cmd(kind: str | None) -> None:
-    """List registered components (KIND: attacks, defenses, aggregators, datasets, models, partitions).
+    """List registered components (KIND: attacks, defenses, preaggregators, aggregators, datasets,
+    models, partitions).
 
-    ``defenses`` shows client defenses and aggregators, since both go into a defense stack."""
+    'defenses' shows client defenses, pre-aggregators and aggregators, each with its stage, since all
+    three go into a defense stack."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -67,11 +81,12 @@ def list_cmd(kind: str | None) -> None:
         raise FedbenchError(f"unknown kind '{kind}'; use one of: {', '.join(sorted(set(KIND_ALIASES) - set(TITLES)))}")
     kinds = list(TITLES) if kind is None else [KIND_ALIASES[kind.lower()]]
     if kinds == ["defense"]:
-        kinds = ["defense", "aggregator"]
+        kinds = ["defense", "preaggregator", "aggregator"]
     reg = registry()
-    console = Console(width=max(Console().width, 120))
+    console = _console(min_width=120)
     for k in kinds:
-        table = Table(title=TITLES[k], title_justify="left", show_lines=False)
+        table = Table(title=TITLES[k], title_justify="left", show_lines=False,
+                      caption=STAGES.get(k), caption_justify="left")
         table.add_column("name", style="bold")
         table.add_column("parameters")
         table.add_column("description")
@@ -104,7 +119,7 @@ def _int_list(ctx, param, value):
 
 
 def scenario_options(f):
-    """Options shared by ``run`` and ``matrix``: what the cell runs on and the federated scenario."""
+    """Options shared by run and matrix: what the cell runs on and the federated scenario."""
     options = [
         click.option("--dataset", default="digits", show_default=True, help="Dataset name (see `fedbench list datasets`)."),
         click.option("--partition", default="iid", show_default=True, help="iid | shards[:per_client=2] | dirichlet[:alpha=0.5]"),
@@ -142,7 +157,7 @@ SCENARIO_KEYS = ("attack_prob", "num_clients", "num_malicious", "clients_per_rou
 
 
 def cell_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """The ``make_cell`` keywords from parsed scenario options."""
+    """The make_cell keywords from parsed scenario options."""
     kw = {k: opts[k] for k in SCENARIO_KEYS if opts.get(k) is not None}
     if opts.get("attack_rounds") is not None:
         kw["attack_rounds"] = opts["attack_rounds"]
@@ -158,35 +173,73 @@ def cell_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--defense", default="fedavg", show_default=True, help="Defense stack, e.g. cma+wbc:s=0.4 (fedavg if no aggregator).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @scenario_options
+@click.option("--store", "store_path", type=click.Path(dir_okay=False), default=None,
+              help="Also record the run in this SQLite result store (the one fedbench matrix writes; an earlier "
+                   "record of the same cell is replaced), for fedbench leaderboard, fedbench export and "
+                   "fedbench.load_results.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON (and nothing else on stdout).")
-@click.option("--quiet", is_flag=True, help="No per-round lines or progress bar.")
-def run(attack, defense, seed, as_json, quiet, **opts) -> None:
+@click.option("--quiet", is_flag=True, help="No per-round lines or progress bar; the summary is still printed.")
+def run(attack, defense, seed, store_path, as_json, quiet, **opts) -> None:
     """Run one federated training run (a cell) and print its metrics."""
-    from rich.console import Console
+    from rich.markup import escape
 
-    from fedbench.engine import run_cell
     from fedbench.spec import make_cell
 
     cell = make_cell(attack=attack, defense=defense, seed=seed, **cell_kwargs(opts))
-    out = Console(stderr=as_json)
+    from fedbench.engine import run_cell  # after the spec: a typo is reported before the engine loads
+
+    out = _console(stderr=as_json)
     show = not quiet and not as_json
     if show:
-        out.print(f"[bold]{cell.label()}[/] · protocol {cell.protocol} · {cell.rounds} rounds · cell {cell.hash()}")
+        out.print(f"[bold]{escape(cell.label())}[/] · protocol {escape(cell.protocol)} · {cell.rounds} rounds · cell {cell.hash()}")
     progress, task, on_round = _round_progress(cell, out, show, quiet)
-    try:
+
+    def run_it():
         with progress:
-            result = run_cell(cell, data_dir=opts["data_dir"], device=opts["device"], trainer=opts["trainer"], on_round=on_round)
+            return run_cell(cell, data_dir=opts["data_dir"], device=opts["device"], trainer=opts["trainer"],
+                            on_round=on_round)
+
+    try:
+        result = run_it() if store_path is None else _run_into_store(cell, store_path, opts["data_dir"], run_it)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         sys.exit(0 if result.status == "ok" else 1)
-    if not quiet:
-        _summary(result, out)
+    _summary(result, out)
+    if store_path is not None:
+        out.print(f"recorded as cell {cell.hash()} in {store_path}", markup=False, highlight=False)
     if result.status != "ok":
-        out.print(f"[red]{result.status}: {result.message}[/]")
+        out.print(f"[red]{escape(result.status)}: {escape(result.message)}[/]")
         sys.exit(1)
+
+
+def _run_into_store(cell, store_path: str, data_dir: str | None, run_it):
+    """Run a cell and record it in a result store exactly as the matrix records its cells (same key,
+    labels, outcome and lock), so the leaderboard, export and load_results read it. The data is
+    loaded before the store is touched: missing data is an error, not a recorded failure."""
+    from fedbench import matrix as mx
+    from fedbench import store as st
+
+    mc = mx.MatrixCell(cell)
+    mx.check_data([mc], data_dir)
+    with st.lock(store_path, "fedbench run"), st.Store.open(store_path) as store:
+        store.mark_stale_running()
+        store.start(mc.key, cell.to_dict(), 0, mc.info())
+        try:
+            result = run_it()
+        except KeyboardInterrupt:
+            store.interrupt([mc.key], "interrupted (Ctrl-C) while running; re-run to resume")
+            raise
+        except Exception as error:  # recorded, then reported as usual (exit 2 or a traceback)
+            # A FedbenchError is the user's to fix (--device cuda without a GPU, say): the record must
+            # not stick, so it is 'interrupted'; anything else is the cell's own failure.
+            outcome = mx.failure_of(error, environment=isinstance(error, FedbenchError))
+            store.finish(mc.key, {**outcome, "versions": mx.versions(), "worker": mx.worker_id()})
+            raise
+        store.finish(mc.key, {**mx.outcome_of(result), "versions": mx.versions(), "worker": mx.worker_id()})
+    return result
 
 
 def _round_progress(cell, console, show_lines: bool, quiet: bool):
@@ -201,8 +254,8 @@ def _round_progress(cell, console, show_lines: bool, quiet: bool):
     def on_round(rnd: int, row: dict[str, Any]) -> None:
         extra = "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k not in ("round", "adversarial", "accuracy", "loss", "eval_n"))
         line = f"round {rnd:4d}{' [attack]' if row['adversarial'] else '         '}  accuracy={row['accuracy']:.4f}  loss={row['loss']:.4f}  {extra}"
-        if show_lines:
-            progress.console.print(line.rstrip(), highlight=False)
+        if show_lines:  # literal text: '[attack]' is not markup
+            progress.console.print(line.rstrip(), markup=False, highlight=False)
         progress.update(task, advance=1, status=f"acc {row['accuracy']:.3f}")
 
     return progress, task, on_round
@@ -219,7 +272,8 @@ def _summary(result, console) -> None:
     table.add_row("wall time", f"{result.seconds:.1f} s")
     console.print(table)
     if result.mitigation:
-        mt = Table(title="Attack-mitigation rounds (reference section 5; '>k' = censored)", title_justify="left")
+        mt = Table(title="Attack-mitigation rounds ('>k': still active when the next attack or the end came)",
+                   title_justify="left")
         mt.add_column("attack round", justify="right")
         mt.add_column("peak success", justify="right")
         mt.add_column("mitigation rounds", justify="right")
@@ -232,8 +286,8 @@ def _summary(result, console) -> None:
 # matrix
 # --------------------------------------------------------------------------------------------------
 def _load_config(ctx, param, value):
-    """``--config grid.toml``: the file's keys become the command's defaults; options given on the
-    command line still win. Keys are option names (``attacks``, ``seeds``, ``attack-rounds``, ...)."""
+    """--config grid.toml: the file's keys become the command's defaults; options given on the
+    command line still win. Keys are option names (attacks, seeds, attack-rounds, ...)."""
     if value is None:
         return None
     try:
@@ -281,12 +335,12 @@ def _load_config(ctx, param, value):
               help="Opt-in warm start: W rounds of clean FedAvg shared by all cells of a seed, then attacks and "
                    "defenses from round W+1. 0 = the paper's protocol (attacks from round 1).")
 @click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False),
-              help="The SQLite result store; finished cells in it are skipped.")
+              help="The SQLite result store; finished cells in it are skipped, interrupted ones re-run.")
 @click.option("--jobs", type=int, default=None, help="Cells run at once [default: number of cores]; 1 = in this process.")
 @click.option("--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
               help="process: local worker processes; ray: Ray tasks (pip install 'fedbench-suite[ray]').")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
-@click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed.")
+@click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed (the cell itself raised).")
 @click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
 @click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
@@ -299,8 +353,6 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
     --dataset and --partition also take comma-separated lists (one leaderboard each)."""
     import importlib.util
     from pathlib import Path
-
-    from rich.console import Console
 
     from fedbench import leaderboard as lb
     from fedbench import matrix as mx
@@ -317,7 +369,7 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
         mx.require_warm_start()
     if jobs is not None and jobs < 1:
         raise FedbenchError(f"--jobs {jobs} is not allowed; need at least 1")
-    out, err = _wide_console(), Console(stderr=True)
+    out, err = _console(min_width=120), _console(stderr=True)
 
     if dry_run:
         known = {}
@@ -328,6 +380,15 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
             click.echo(f"{mc.key}  {known.get(mc.key, 'new'):<11}  {mc.label()}")
         click.echo(f"{len(cells)} cells", err=True)
         return
+
+    # Every dataset the run needs is loaded once, here, before the store is created or locked:
+    # missing data is one error (exit 2), not a failure recorded in every cell.
+    todo = cells
+    if not force and Path(store_path).is_file() and Path(store_path).stat().st_size:
+        with st.Store.read(store_path) as store:
+            todo = mx.plan(cells, store, retry_failed=retry_failed)
+    if not (executor == "ray" and ray_address):
+        mx.check_data(todo, opts["data_dir"])
 
     if quiet:
         progress = mx.Progress()
@@ -350,23 +411,31 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
     for renderable in lb.rich_tables(board, frame):
         out.print(renderable)
     if csv_path:
-        Path(csv_path).write_text(lb.render(board, "csv"))
+        _write(csv_path, lb.render(board, "csv"))
     if not quiet:
-        err.print(f"{report.ran} cells run in {report.seconds:.1f} s, {report.skipped} taken from {store_path}", highlight=False)
+        err.print(f"{report.ran} cells run in {report.seconds:.1f} s, {report.skipped} taken from {store_path}",
+                  markup=False, highlight=False)
     unfinished = report.count("failed") + report.count("interrupted")
     if unfinished:
-        err.print(f"[red]{unfinished} cell(s) did not finish (see the notes above); "
-                  "re-run to resume (--retry-failed for failed ones)[/]")
+        err.print(f"{unfinished} cell(s) did not finish (see the notes above); "
+                  "re-run to resume (--retry-failed for failed ones)", style="red", markup=False, highlight=False)
         sys.exit(1)
 
 
-def _wide_console():
-    """A console for leaderboards: at least 120 columns in a terminal, unlimited in a pipe or file
-    (tables take only the width they need), so wide tables are never squeezed."""
+def _console(stderr: bool = False, min_width: int = 0):
+    """A rich console for fedbench's output. In a terminal: rich's own, at least ``min_width``
+    columns (leaderboards are wide). Piped or redirected: one record per line -- nothing is wrapped
+    at 80 columns (soft wrap) and tables take the width they need, so logs and grep see whole lines."""
     from rich.console import Console
 
-    console = Console()
-    return console if console.is_terminal and console.width >= 120 else Console(width=120 if console.is_terminal else 400)
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console if console.width >= min_width else Console(stderr=stderr, width=min_width)
+    return Console(stderr=stderr, soft_wrap=True, width=PIPE_WIDTH)
+
+
+#: The width of a console that is not a terminal: tables never need to be squeezed to fit it.
+PIPE_WIDTH = 10_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,17 +464,64 @@ def leaderboard(store_path, fmt, output) -> None:
         frame = lb.cell_frame(store)
     board = lb.build(frame)
     if fmt == "table":
-        console = _wide_console()
+        console = _console(min_width=120)
         if board.empty:
-            console.print(f"no cells in {store_path}")
+            console.print(f"no cells in {store_path}", markup=False, highlight=False)
         for renderable in lb.rich_tables(board, frame):
             console.print(renderable)
         return
     text = lb.render(board, fmt, frame)
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        _write(output, text)
     else:
         click.echo(text, nl=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--rounds", "rounds_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write the per-round metrics of every cell, with the cell's labels, to this CSV file (- for stdout).")
+@click.option("--form", type=click.Choice(["wide", "long"]), default="wide", show_default=True,
+              help="For --rounds. wide: one row per cell and round, a column per metric; "
+                   "long: one row per cell, round and metric (columns metric, value).")
+@click.option("--cells", "cells_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write one row per cell (labels, status, final accuracy, success and mitigation rounds with "
+                   "their censored flags) to this CSV file (- for stdout).")
+def export(store_path, rounds_path, form, cells_path) -> None:
+    """Export the per-round metrics and the per-cell results of a result store as CSV (nothing is re-run).
+
+    The store can come from fedbench matrix or from fedbench run --store."""
+    from fedbench import leaderboard as lb
+    from fedbench.store import Store
+
+    if rounds_path is None and cells_path is None:
+        raise FedbenchError("nothing to export: give --rounds PATH (per-round metrics) and/or --cells PATH (one row per cell)")
+    with Store.read(store_path) as store:
+        frames = []
+        if rounds_path is not None:
+            rounds = lb.rounds_long(store) if form == "long" else lb.rounds_frame(store)
+            frames.append((rounds_path, rounds, "rows of per-round metrics"))
+        if cells_path is not None:
+            frames.append((cells_path, lb.cell_frame(store), "cells"))
+    for path, frame, what in frames:
+        text = frame.to_csv(index=False)
+        if path == "-":
+            click.echo(text, nl=False)
+            continue
+        _write(path, text)
+        click.echo(f"{len(frame)} {what} written to {path}", err=True)
+
+
+def _write(path: str, text: str) -> None:
+    from pathlib import Path
+
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise FedbenchError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -75,20 +75,55 @@ class Digits(Dataset):
         return DatasetTensors(x[train], y[train], x[test], y[test], num_classes=10)
 
 
-def _torchvision_splits(dataset_cls, name: str, root: Path, layout: str):
-    """Train and test splits of a torchvision dataset: the files already there, else a download; when
-    both fail (no network), a :class:`DataError` that says where fedbench looked and what to place."""
+def data_dir_source(explicit: str | os.PathLike | None = None) -> str:
+    """Where :func:`resolve_data_dir` took the data directory from, in the words of an error message."""
+    if explicit:
+        return "--data-dir"
+    if os.environ.get("FEDBENCH_DATA_DIR"):
+        return "$FEDBENCH_DATA_DIR"
+    return "the default data folder"
+
+
+def _torchvision_splits(dataset_cls, name: str, root: Path, source: str, layout: str):
+    """Train and test splits of a torchvision dataset: the files already under ``root``, else a
+    download; when both fail (no network), a one-line :class:`DataError` that says where fedbench
+    looked and how to fix it.
+
+    The download goes to a temporary folder first and is copied under ``root`` only once it is
+    complete, so a mistyped ``--data-dir`` is never created and a failed download leaves nothing
+    behind (torchvision itself creates ``<root>/FashionMNIST/raw`` before its first request).
+    torchvision's own messages (URLs, progress) go to stderr: stdout may be a ``--json`` document."""
+    import contextlib
+    import shutil
+    import sys
+    import tempfile
+
     try:
         return dataset_cls(str(root), train=True, download=False), dataset_cls(str(root), train=False, download=False)
     except RuntimeError:
         pass
+    staging = Path(tempfile.mkdtemp(prefix=f"fedbench-{name}-"))
     try:
-        return dataset_cls(str(root), train=True, download=True), dataset_cls(str(root), train=False, download=True)
-    except Exception as error:  # noqa: BLE001 - any download failure becomes advice
-        raise DataError(
-            f"{name}: files not found under {root} and the download failed ({type(error).__name__}: {error}). "
-            f"Place them as {layout} under a folder and pass it with --data-dir or FEDBENCH_DATA_DIR."
-        ) from None
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                dataset_cls(str(staging), train=True, download=True)
+                dataset_cls(str(staging), train=False, download=True)
+        except Exception as error:  # noqa: BLE001 - any download failure becomes advice; the cause stays chained
+            where = f"{root} (from {source}{'' if root.is_dir() else '; it does not exist'})"
+            raise DataError(
+                f"{name}: no {layout} under {where}, and downloading it failed; set --data-dir or "
+                f"FEDBENCH_DATA_DIR to the folder that holds {layout}, or connect to the network"
+            ) from error
+        try:
+            shutil.copytree(staging, root, dirs_exist_ok=True)
+        except OSError as error:
+            raise DataError(f"{name}: downloaded, but cannot write it under {root} ({error.strerror or error})") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        return dataset_cls(str(root), train=True, download=False), dataset_cls(str(root), train=False, download=False)
+    except RuntimeError as error:
+        raise DataError(f"{name}: downloaded into {root}, but the files cannot be read ({error})") from error
 
 
 @dataclass(kw_only=True)
@@ -102,7 +137,8 @@ class FashionMNIST(Dataset):
         from torchvision import datasets
 
         root = resolve_data_dir(data_dir)
-        train, test = _torchvision_splits(datasets.FashionMNIST, self.name, root, "FashionMNIST/raw/*-ubyte (torchvision's layout)")
+        train, test = _torchvision_splits(datasets.FashionMNIST, self.name, root, data_dir_source(data_dir),
+                                          "FashionMNIST/raw/")
 
         def tensors(split):
             return split.data.unsqueeze(1).float() / 255.0, split.targets.long()
@@ -125,18 +161,18 @@ class Cifar10(Dataset):
         root = resolve_data_dir(data_dir)
         jpeg = root / "cifar10-jpeg" / "cifar10_jpeg_bytes.npz"
         if (root / "cifar-10-batches-py").is_dir() or not jpeg.is_file():
-            trx, tr_y, tex, te_y = self._torchvision(root)
+            trx, tr_y, tex, te_y = self._torchvision(root, data_dir_source(data_dir))
         else:
             trx, tr_y, tex, te_y = self._jpeg(jpeg)
         # The authors' code normalises CIFAR-10 with mean = std = 0.5 per channel.
         half = [0.5, 0.5, 0.5]
         return DatasetTensors(_normalise(trx, half, half), tr_y, _normalise(tex, half, half), te_y, 10)
 
-    def _torchvision(self, root: Path):
+    def _torchvision(self, root: Path, source: str):
         from torchvision import datasets
 
         train, test = _torchvision_splits(
-            datasets.CIFAR10, self.name, root, "cifar-10-batches-py/ (torchvision's layout) or cifar10-jpeg/cifar10_jpeg_bytes.npz"
+            datasets.CIFAR10, self.name, root, source, "cifar-10-batches-py/ or cifar10-jpeg/cifar10_jpeg_bytes.npz"
         )
 
         def tensors(split):

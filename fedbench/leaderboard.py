@@ -23,8 +23,10 @@ produced it. One row per defense stack; per attack, a group of columns. Every nu
 ``<attack>/mitigation_avg``, ``<attack>/mitigation_max``
     attack-mitigation rounds (:class:`fedbench.metrics.Mitigation`), mean and max over the
     adversarial rounds of a run. A count cut short by the next attack or the end of the run is
-    censored: it is a lower bound. ``*_censored`` is true when any count behind the mean (for the
-    max: the largest count) was censored, and the value is shown as ``>k``.
+    censored: the attack was still active, so the count is a lower bound, and so is any mean over
+    it. ``*_censored`` (a column of its own in every export) is true when any count behind the mean
+    (for the max: the largest count) was censored; the formatted tables show such a value as
+    ``≥k`` and explain the sign under the table (:data:`CENSORED_NOTE`).
 ``<attack>/status``, ``clean_status``
     ``ok``, or how many seeds failed or diverged (e.g. ``1 ok, 1 diverged``).
 
@@ -42,7 +44,7 @@ score is the clean accuracy.
 
 Diverged cells count with the accuracy they ended at (the defense broke the model); failed cells
 have no numbers. Exports: CSV and JSON hold the numeric table exactly as :func:`load_results`
-returns it; Markdown, HTML (self-contained, every plugin-provided string escaped) and LaTeX
+returns it (censoring as the ``*_censored`` flag columns); Markdown, HTML (self-contained, every plugin-provided string escaped) and LaTeX
 (``booktabs``) hold the formatted tables with their protocol captions and notes.
 """
 
@@ -137,6 +139,7 @@ _CELL_COLUMNS = ("key", "setting", "setting_key", "dataset", "partition", "model
 
 
 _ROUND_LABELS = ("key", "setting", "dataset", "partition", "attack", "defense", "seed", "warmup_rounds", "status")
+_ROUND_COLUMNS = (*_ROUND_LABELS, "round", "adversarial", "accuracy", "loss", "eval_n")
 
 
 def rounds_frame(store: Store, keys: Iterable[str] | None = None) -> pd.DataFrame:
@@ -154,14 +157,34 @@ def rounds_frame(store: Store, keys: Iterable[str] | None = None) -> pd.DataFram
                      "warmup_rounds": rec.warmup_rounds, "status": rec.status, "round": rnd, **metrics})
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return pd.DataFrame(columns=[*_ROUND_LABELS, "round", "adversarial", "accuracy", "loss", "eval_n"])
+        return pd.DataFrame(columns=list(_ROUND_COLUMNS))
     if "adversarial" in frame:
         frame["adversarial"] = frame["adversarial"].astype(bool)
     if "eval_n" in frame:
         frame["eval_n"] = frame["eval_n"].astype("Int64")
-    first = [c for c in (*_ROUND_LABELS, "round", "adversarial", "accuracy", "loss", "eval_n") if c in frame]
+    first = [c for c in _ROUND_COLUMNS if c in frame]
     frame = frame[first + [c for c in frame.columns if c not in first]]
     return frame.sort_values(["key", "round"], kind="stable").reset_index(drop=True)
+
+
+def rounds_long(store: Store, keys: Iterable[str] | None = None) -> pd.DataFrame:
+    """The per-round metrics in long (tidy) form: one row per cell, round and metric -- the cell's
+    labels, ``round``, ``adversarial``, ``metric``, ``value``. Unlike :func:`rounds_frame`, a metric
+    a cell does not report (another attack's) has no row, and an empty ``value`` is a NaN the run
+    produced (a diverged loss)."""
+    records = {r.key: r for r in store.cells(keys)}
+    entries = store.rounds(records)
+    adversarial = {(key, rnd): bool(value) for key, rnd, name, value in entries if name == "adversarial"}
+    rows = []
+    for key, rnd, name, value in entries:
+        if name == "adversarial":
+            continue
+        rec = records[key]
+        rows.append({"key": key, "setting": rec.setting_label, "dataset": rec.dataset, "partition": rec.partition,
+                     "attack": rec.attack, "defense": rec.defense, "seed": rec.seed,
+                     "warmup_rounds": rec.warmup_rounds, "status": rec.status, "round": rnd,
+                     "adversarial": adversarial.get((key, rnd), False), "metric": name, "value": value})
+    return pd.DataFrame(rows, columns=[*_ROUND_LABELS, "round", "adversarial", "metric", "value"])
 
 
 def build(cells: pd.DataFrame) -> pd.DataFrame:
@@ -276,13 +299,19 @@ class _Table:
     notes: list[str]
 
 
+#: The sign of a censored value in the formatted tables, and the note under every table.
+CENSORED_SIGN = "≥"
+CENSORED_NOTE = ("≥: at least one attack was still active when the next attack or the end of the run came; "
+                 "the mean (or max) of mitigation rounds is a lower bound")
+
+
 def _fmt(mean: float, std: float, digits: int, censored: bool = False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
     spread = std is not None and not (isinstance(std, float) and math.isnan(std))
     if not spread and float(mean).is_integer() and digits == 1:
         digits = 0  # a single count of rounds
-    text = f"{'>' if censored else ''}{mean:.{digits}f}"
+    text = f"{CENSORED_SIGN if censored else ''}{mean:.{digits}f}"
     return text + (f" ± {std:.{digits}f}" if spread else "")
 
 
@@ -316,9 +345,9 @@ def _tables(board: pd.DataFrame, cells: pd.DataFrame | None) -> list[_Table]:
 
 
 def footer() -> str:
+    """The notes under every formatted leaderboard: how the score is made, and what ``≥`` means."""
     return ("score = mean over attacks of accuracy x (1 - success avg), mean ± std over seeds; "
-            "drop and cost vs clean fedavg; mitigation rounds: >k = censored (cut short by the next attack "
-            "or the end of the run)")
+            f"drop and cost vs clean fedavg.\n{CENSORED_NOTE}")
 
 
 def render(board: pd.DataFrame, fmt: str, cells: pd.DataFrame | None = None) -> str:
@@ -344,7 +373,7 @@ def rich_tables(board: pd.DataFrame, cells: pd.DataFrame | None = None) -> list[
 
     out: list[Any] = []
     for t in _tables(board, cells):
-        table = Table(title=t.caption, title_justify="left", caption=footer(), caption_justify="left")
+        table = Table(title=Text(t.caption), title_justify="left", caption=Text(footer()), caption_justify="left")
         pos = 0
         for group, width in t.groups:
             for i, header in enumerate(t.headers[pos: pos + width]):
@@ -378,7 +407,7 @@ def _markdown(tables: list[_Table]) -> str:
         parts += ["| " + " | ".join(esc(c) for c in row) + " |" for row in t.rows]
         parts.append("")
         parts += [f"- {esc(n)}" for n in t.notes]
-        parts.append(f"\n_{esc(footer())}_\n")
+        parts.append("\n" + "\n\n".join(f"_{esc(line)}_" for line in footer().splitlines()) + "\n")
     return "\n".join(parts)
 
 
@@ -404,7 +433,7 @@ def _html(tables: list[_Table]) -> str:
         body.append("</tbody>\n</table>")
         if t.notes:
             body.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in t.notes) + "</ul>")
-    body.append(f'<p class="foot">{e(footer())}</p>')
+    body += [f'<p class="foot">{e(line)}</p>' for line in footer().splitlines()]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>fedbench leaderboard</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
             "<h1>fedbench leaderboard</h1>\n" + "\n".join(body) + "\n</body>\n</html>\n")
@@ -417,7 +446,7 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 def _tex(text: str) -> str:
     out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
-    return out.replace("±", r"$\pm$").replace("–", "--")
+    return out.replace("±", r"$\pm$").replace("–", "--").replace(CENSORED_SIGN, r"$\geq$")
 
 
 def _latex(tables: list[_Table]) -> str:
@@ -443,5 +472,5 @@ def _latex(tables: list[_Table]) -> str:
         if t.notes:
             parts.append("\\\\[2pt]\\footnotesize " + "; ".join(_tex(n) for n in t.notes))
         parts.append("\\end{table}")
-    parts.append(f"% {footer()}")
+    parts += [f"% {line}" for line in footer().splitlines()]
     return "\n".join(parts) + "\n"

@@ -9,8 +9,10 @@ Execution (:func:`run_matrix`): the driver process owns the store (:mod:`fedbenc
 only writer. It hands at most ``jobs`` cells at a time to workers -- the driver itself for
 ``jobs=1``, spawned processes, or Ray tasks -- and records each outcome as it arrives, so a crash or
 Ctrl-C loses only the cells in flight. Workers catch every exception of a cell and return it as a
-``failed`` outcome; the matrix goes on. The engine is deterministic per cell, so where a cell runs
-does not change its numbers.
+``failed`` outcome; the matrix goes on -- except that data a worker cannot find is recorded
+``interrupted``, as a Ctrl-C is, and retried by the next run. Before any cell runs the driver loads
+every dataset of the grid once, so missing data stops the matrix with one message, nothing stored.
+The engine is deterministic per cell, so where a cell runs does not change its numbers.
 
 Shared warm start (``warmup_rounds=W``, opt-in): every group of cells with the same dataset,
 partition, model, scenario and seed first needs W rounds of clean FedAvg. That checkpoint is a cell
@@ -35,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
-from fedbench.errors import FedbenchError, SpecError
+from fedbench.errors import DataError, FedbenchError, SpecError
 from fedbench.spec import CellSpec, make_cell, parse_component, parse_defense
 from fedbench.store import FINISHED, Store
 
@@ -222,25 +224,31 @@ def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = 
     """Run one task (a cell, or the clean warm-up a group of cells shares) and return its outcome.
 
     Never raises for a problem of the cell: the exception becomes a ``failed`` outcome with its
-    message and traceback. ``on_round(key, round)`` reports progress; in a worker process the rounds
-    go to the driver through the progress queue."""
+    message and traceback. A :class:`DataError` while loading the dataset is a problem of where the
+    task ran (files missing on this worker), not of the cell: it becomes an ``interrupted`` outcome,
+    which the next run re-runs without ``--retry-failed``. ``on_round(key, round)`` reports progress;
+    in a worker process the rounds go to the driver through the progress queue."""
     import io
 
     import torch
 
     from fedbench import engine
+    from fedbench.data import load_dataset
 
     key = task["key"]
     if _worker_error is not None:
         return {"key": key, "status": "failed", "message": _worker_error, "error": "", "result": None,
-                "worker": f"{socket.gethostname()}:{os.getpid()}"}
+                "worker": worker_id()}
     report = on_round
     if report is None and _progress_queue is not None:
         queue = _progress_queue
         report = lambda k, r: queue.put((k, r))  # noqa: E731
-    outcome: dict[str, Any] = {"key": key, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    outcome: dict[str, Any] = {"key": key, "worker": worker_id()}
+    loaded = False
     try:
         cell = CellSpec.from_dict(task["cell"])
+        load_dataset(cell.dataset, task.get("data_dir"))  # what run_cell loads next, from the same cache
+        loaded = True
         kwargs: dict[str, Any] = {"data_dir": task.get("data_dir"), "device": task.get("device", "cpu"),
                                   "trainer": task.get("trainer", "stacked")}
         if report is not None:
@@ -249,7 +257,7 @@ def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = 
             state = torch.load(io.BytesIO(task["checkpoint"]), weights_only=True)
             kwargs.update(initial_params=state["params"], start_round=task["warmup_rounds"] + 1)
         result = engine.run_cell(cell, **kwargs)
-        outcome.update(status=result.status, message=result.message, result=result.to_dict())
+        outcome.update(outcome_of(result))
         if task["kind"] == "warmup":
             if result.status != "ok":
                 raise FedbenchError(f"the clean warm-up diverged: {result.message}")
@@ -257,11 +265,52 @@ def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = 
             torch.save({"params": result.final_params.detach().cpu().clone()}, buffer)
             outcome["checkpoint"] = buffer.getvalue()
     except Exception as error:  # noqa: BLE001 - a failing cell must not stop the matrix
-        first = (str(error).strip().splitlines() or [""])[0]
-        outcome.update(status="failed", message=f"{type(error).__name__}: {first}".rstrip(": "),
-                       error=traceback.format_exc(), result=None)
+        outcome.update(failure_of(error, environment=isinstance(error, DataError) and not loaded))
     outcome["versions"] = versions()
     return outcome
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, as the store records who ran a cell."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def outcome_of(result) -> dict[str, Any]:
+    """The outcome of a finished run (a :class:`fedbench.engine.RunResult`), as the store records it."""
+    return {"status": result.status, "message": result.message, "error": "", "result": result.to_dict()}
+
+
+def failure_of(error: BaseException, *, environment: bool = False) -> dict[str, Any]:
+    """The outcome of a run that raised ``error``: ``failed`` with its first line and traceback, or
+    ``interrupted`` when the ``environment`` (not the cell) is to blame, so that a re-run retries it."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    message = f"{type(error).__name__}: {first}".rstrip(": ")
+    if environment:
+        message += " (not the cell's fault: the next run retries it)"
+    return {"status": "interrupted" if environment else "failed", "message": message,
+            "error": "".join(traceback.format_exception(error)), "result": None}
+
+
+def check_data(cells: Iterable[MatrixCell], data_dir: str | None = None) -> None:
+    """Load every dataset of ``cells`` once, before any cell runs, so that missing files are one
+    :class:`DataError` up front (the CLI exits 2, nothing is stored) rather than the same failure
+    recorded in every cell. A dataset plugin that fails with another exception gets a
+    :class:`DataError` too (the cause stays chained)."""
+    from fedbench.data import load_dataset
+
+    seen = set()
+    for mc in cells:
+        spec = mc.cell.dataset
+        if spec in seen:
+            continue
+        seen.add(spec)
+        try:
+            load_dataset(spec, data_dir)
+        except FedbenchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a broken dataset is one clear message, not a traceback
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise DataError(f"dataset {spec} cannot be loaded: {type(error).__name__}: {first}".rstrip(": ")) from error
 
 
 def _init_worker(queue, threads: int | None, plugins: Sequence[tuple[str, str, Any]]) -> None:
@@ -562,7 +611,11 @@ def default_jobs() -> int:
 
 def plan(cells: Sequence[MatrixCell], store: Store, *, retry_failed: bool = False, force: bool = False) -> list[MatrixCell]:
     """The cells a run has to (re-)run: every cell with ``force``; otherwise those without a final
-    result (``ok`` or ``diverged``), leaving out ``failed`` ones unless ``retry_failed``."""
+    result (``ok`` or ``diverged``), leaving out ``failed`` ones unless ``retry_failed``.
+
+    ``interrupted`` cells always run again: Ctrl-C, a dead worker or driver, and data a worker could
+    not find are accidents of one run, not results of the cell. ``failed`` (the cell itself raised)
+    sticks, since running it again would only repeat the failure."""
     if force:
         return list(cells)
     done = store.statuses(mc.key for mc in cells)
@@ -589,7 +642,12 @@ def run_matrix(
     ``jobs`` (default: the number of cores) caps the cells in flight; with one, cells run in this
     process. The caller holds the store's lock (:func:`fedbench.store.lock`). On
     ``KeyboardInterrupt`` the cells in flight are marked ``interrupted`` and the interrupt
-    propagates (the CLI exits 130); finished cells stay recorded and the next run resumes."""
+    propagates (the CLI exits 130); finished cells stay recorded and the next run resumes.
+
+    The datasets of the cells to run are loaded here first (:func:`check_data`): a missing one
+    raises a :class:`DataError` before any cell is recorded. Not with ``ray_address``: on an
+    existing cluster the data lives where the tasks run, and a task that finds no data there is
+    recorded ``interrupted`` (see :func:`execute`), so the next run retries it."""
     if executor not in EXECUTORS:
         raise FedbenchError(f"unknown executor '{executor}'; use one of: {', '.join(EXECUTORS)}")
     if jobs is not None and jobs < 1:
@@ -602,6 +660,8 @@ def run_matrix(
     common = {"data_dir": data_dir, "device": device, "trainer": trainer}
     if any(mc.warmup_rounds for mc in todo):
         require_warm_start()
+    if not (executor == "ray" and ray_address):
+        check_data(todo, data_dir)
 
     warmups: dict[str, Task] = {}
     for mc in todo:
@@ -621,6 +681,10 @@ def run_matrix(
                 backend = _Inline(progress.round_done)
             else:
                 backend = _Processes(slots)
+            if not isinstance(backend, _Inline):
+                from fedbench.data import load_dataset
+
+                load_dataset.cache_clear()  # the workers load their own copy; the driver needs none
         progress.start(len(cells), report.skipped, [*warmups.values(), *(_cell_task(mc, common, None) for mc in todo)],
                        backend.where if backend else "")
         failed_warmups: dict[str, dict[str, Any]] = {}
@@ -634,8 +698,9 @@ def run_matrix(
             warm = mc.warmup_cell()
             if warm is not None and warm.hash() in failed_warmups:
                 bad = failed_warmups[warm.hash()]
+                status = "interrupted" if bad["status"] == "interrupted" else "failed"  # environment: retried
                 store.start(mc.key, mc.cell.to_dict(), mc.warmup_rounds, mc.info())
-                store.finish(mc.key, {**bad, "status": "failed", "result": None,
+                store.finish(mc.key, {**bad, "status": status, "result": None,
                                       "message": f"its clean warm-up failed: {bad.get('message', '')}"})
                 continue
             tasks.append(_cell_task(mc, common, store.checkpoint(warm.hash()) if warm is not None else None))
@@ -738,6 +803,13 @@ def _detail(outcome: dict[str, Any]) -> str:
     return outcome.get("message", "")
 
 
+def _escape(text: str) -> str:
+    """``text`` as rich prints it literally (a label like ``x[/]`` is not markup)."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 class PlainProgress(Progress):
     """One line per finished cell, for logs and pipes (no terminal)."""
 
@@ -757,7 +829,9 @@ class PlainProgress(Progress):
 
 
 class RichProgress(Progress):
-    """A live display: cells done / total with an ETA, and each running cell with its current round."""
+    """A live display: cells done / total with an ETA, and each running cell with its current round.
+
+    Labels and messages come from plugins and the user: they are escaped, never read as rich markup."""
 
     def __init__(self, console) -> None:
         from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -774,7 +848,7 @@ class RichProgress(Progress):
 
     def start(self, total, skipped, todo, where):
         self._total = len(todo)
-        self._bar.console.print(_start_line(total, skipped, todo, where), highlight=False)
+        self._bar.console.print(_start_line(total, skipped, todo, where), markup=False, highlight=False)
         if todo:
             self._bar.start()
             self._overall = self._bar.add_task("[bold]cells", total=sum(t.rounds for t in todo), info=self._info())
@@ -784,7 +858,8 @@ class RichProgress(Progress):
 
     def task_started(self, task):
         self._seen[task.key] = 0
-        self._rows[task.key] = self._bar.add_task(f"  {task.label}", total=task.rounds, info=f"round 0/{task.rounds}")
+        self._rows[task.key] = self._bar.add_task(f"  {_escape(task.label)}", total=task.rounds,
+                                                  info=f"round 0/{task.rounds}")
 
     def round_done(self, key, rnd):
         if key not in self._rows:
@@ -800,7 +875,8 @@ class RichProgress(Progress):
         if outcome["status"] != "ok":
             self._problems += 1
         colour = "green" if outcome["status"] == "ok" else "red"
-        self._bar.console.print(f"[{colour}]{outcome['status']:<11}[/] {task.label}  {_detail(outcome)}", highlight=False)
+        self._bar.console.print(f"[{colour}]{outcome['status']:<11}[/] {_escape(task.label)}  {_escape(_detail(outcome))}",
+                                highlight=False)
         row = self._rows.pop(task.key, None)
         if row is not None:
             self._bar.remove_task(row)

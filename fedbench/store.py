@@ -17,7 +17,8 @@ results to it. Tables:
   the clean warm-up cell that produced them.
 
 A second driver on the same store is refused: :func:`lock` takes an exclusive lock on
-``<store>.lock`` for as long as a matrix runs.
+``<store>.lock`` for as long as a matrix (or a ``fedbench run --store``) runs, and removes the file
+when it is done.
 """
 
 from __future__ import annotations
@@ -156,7 +157,10 @@ class Store:
         """Open an existing store read-only (safe while a matrix is writing it)."""
         path = Path(path)
         if not path.exists():
-            raise FedbenchError(f"no result store at {path}; run `fedbench matrix --store {path}` first")
+            raise FedbenchError(
+                f"no result store at {path}; fill one with `fedbench matrix --store {path}` or "
+                f"`fedbench run --store {path}` first"
+            )
         check_compatible(path)
         return cls(path, _connect(path, readonly=True))
 
@@ -360,30 +364,57 @@ def _float(value: Any) -> float:
 # The driver's lock
 # --------------------------------------------------------------------------------------------------
 @contextmanager
-def lock(path: str | os.PathLike) -> Iterator[None]:
+def lock(path: str | os.PathLike, holder: str = "fedbench matrix") -> Iterator[None]:
     """Hold an exclusive lock on ``<path>.lock`` for the duration; refuse at once if another process
-    holds it. The lock is released by the OS when the holder dies, so a crash never leaves it stuck;
-    the file itself stays (removing it would race with the next driver)."""
+    holds it. ``holder`` (the command) is written into the file for that refusal message.
+
+    The lock is released by the OS when the holder dies, so a crash never leaves it stuck. On a
+    normal release the holder removes the file while it still holds the lock. A process that
+    opened the file before the unlink may then win the lock on an inode no path names any more, so
+    every acquirer checks, once it holds the lock, that the path still refers to the very file it
+    locked, and starts over if not: two processes never both believe they hold the store."""
     lock_path = Path(f"{path}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise FedbenchError(f"cannot use result store {path}: cannot create {lock_path} ({error.strerror})") from None
         if not _try_lock(fd):
-            os.lseek(fd, 0, os.SEEK_SET)
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            finally:
+                os.close(fd)
             raise FedbenchError(
-                f"result store {path} is in use by another `fedbench matrix` ({holder}); wait for it to "
+                f"result store {path} is in use by another fedbench command ({owner}); wait for it to "
                 "finish, or use another --store"
             )
+        if _names(lock_path, fd):
+            break
+        _unlock(fd)
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            _unlock(fd)
+        os.write(fd, f"{holder}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        yield
     finally:
+        try:
+            os.unlink(lock_path)  # still holding the lock: see the docstring
+        except OSError:  # pragma: no cover - Windows cannot remove an open file; it stays, empty
+            os.ftruncate(fd, 0)
+        _unlock(fd)
         os.close(fd)
+
+
+def _names(lock_path: Path, fd: int) -> bool:
+    """Whether ``lock_path`` still names the file open as ``fd`` (not unlinked, not replaced)."""
+    try:
+        on_disk = os.stat(lock_path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 try:

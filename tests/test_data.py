@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.error import URLError
+
 import pytest
 import torch
 import torchvision
+import torchvision.datasets.cifar
+import torchvision.datasets.mnist
 
 from fedbench import DataError, SpecError, parse_component
-from fedbench.data import IID, DirichletPartition, FashionMNIST, Cifar10, Shards, load_dataset, resolve_data_dir, take_fraction
+from fedbench.data import (IID, Cifar10, DirichletPartition, FashionMNIST, Shards, _torchvision_splits, load_dataset,
+                           resolve_data_dir, take_fraction)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -180,30 +186,80 @@ def _no_download(monkeypatch, cls):
     monkeypatch.setattr(cls, "download", refuse)
 
 
-def test_missing_fmnist_is_a_data_error_naming_where_it_looked(monkeypatch, tmp_path):
-    _no_download(monkeypatch, torchvision.datasets.FashionMNIST)
+def _no_network(monkeypatch):
+    """Fail torchvision's downloads where they fetch, as a machine without network does: its own
+    download() has already created the folders by then, and raises a multi-line error naming URLs."""
+    def refuse(url, *args, **kwargs):
+        raise URLError("network disabled in tests")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", refuse)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", refuse)
+
+
+def test_missing_fmnist_is_one_line_naming_the_folder_and_the_fix(monkeypatch, tmp_path):
+    _no_network(monkeypatch)
     with pytest.raises(DataError) as err:
         FashionMNIST().load(str(tmp_path))
     message = str(err.value)
-    assert str(tmp_path) in message
-    assert "FashionMNIST/raw" in message and "--data-dir" in message and "FEDBENCH_DATA_DIR" in message
-    assert "network disabled in tests" in message
+    assert "\n" not in message
+    assert f"no FashionMNIST/raw/ under {tmp_path} (from --data-dir)" in message
+    assert "set --data-dir or FEDBENCH_DATA_DIR to the folder that holds FashionMNIST/raw/" in message
+    assert "connect to the network" in message
+    assert "http" not in message and "urlopen" not in message and "network disabled" not in message
+    assert isinstance(err.value.__cause__, RuntimeError)  # torchvision's own error stays chained, for debugging
+
+
+def test_a_failed_download_creates_no_folder(monkeypatch, tmp_path):
+    _no_network(monkeypatch)
+    typo = tmp_path / "datsets"
+    with pytest.raises(DataError, match=f"under {typo} \\(from --data-dir; it does not exist\\)"):
+        FashionMNIST().load(str(typo))
+    with pytest.raises(DataError):
+        Cifar10().load(str(typo))
+    assert not typo.exists()
+    with pytest.raises(DataError):
+        FashionMNIST().load(str(tmp_path))  # an existing, empty data folder stays empty
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_fmnist_under_the_environment_data_dir_names_that_folder(monkeypatch, tmp_path):
     _no_download(monkeypatch, torchvision.datasets.FashionMNIST)
     monkeypatch.setenv("FEDBENCH_DATA_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match="nowhere"):
+    with pytest.raises(DataError, match="nowhere \\(from \\$FEDBENCH_DATA_DIR"):
         FashionMNIST().load(None)
 
 
 def test_missing_cifar10_is_a_data_error_naming_where_it_looked(monkeypatch, tmp_path):
-    _no_download(monkeypatch, torchvision.datasets.CIFAR10)
+    _no_network(monkeypatch)
     with pytest.raises(DataError) as err:
         Cifar10().load(str(tmp_path))
     message = str(err.value)
-    assert str(tmp_path) in message
+    assert str(tmp_path) in message and "\n" not in message
     assert "cifar-10-batches-py" in message and "cifar10_jpeg_bytes.npz" in message
+
+
+class FakeTorchvisionDataset:
+    """Behaves like a torchvision dataset class: reads <root>/Fake/raw/data, or downloads it
+    (creating the folders first and printing its URL, as torchvision does)."""
+
+    def __init__(self, root, train=True, download=False):
+        raw = Path(root) / "Fake" / "raw"
+        if download and not (raw / "data").exists():
+            print("Downloading https://example.invalid/data")
+            raw.mkdir(parents=True, exist_ok=True)
+            (raw / "data").write_text("pixels")
+        if not (raw / "data").exists():
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+        self.root = root
+
+
+def test_a_completed_download_lands_in_the_data_folder_and_prints_nothing_on_stdout(tmp_path, capsys):
+    root = tmp_path / "new" / "data"
+    train, test = _torchvision_splits(FakeTorchvisionDataset, "fake", root, "--data-dir", "Fake/raw/")
+    assert (root / "Fake" / "raw" / "data").read_text() == "pixels"
+    assert train.root == test.root == str(root)  # read from the data folder, not the staging one
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Downloading" in captured.err  # stdout may be a --json document
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,8 +117,6 @@ def test_fedbench_list_defenses_shows_the_example_aggregator_and_its_distributio
     assert "f=auto (an integer >= 0, or auto)" in row
 
 
-@pytest.mark.xfail(strict=True, reason="core gap: `fedbench list` has no table for pre-aggregators yet "
-                   "(fedbench/cli.py TITLES and KIND_ALIASES); remove this marker once it has")
 def test_fedbench_list_defenses_shows_the_example_preaggregator_and_its_distribution(example_env):
     listed = example_env.fedbench("list", "defenses")
     assert listed.returncode == 0, listed.stderr

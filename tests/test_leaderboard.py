@@ -4,6 +4,7 @@ The store is filled with hand-made outcomes, so every expected number can be wor
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -79,16 +80,35 @@ def test_drop_and_cost_are_against_clean_fedavg_of_the_same_seed(store_path):
     assert board.loc["wbc", "poison/drop_std"] == pytest.approx(0.0)
 
 
-def test_censored_mitigation_is_a_lower_bound_shown_as_greater_than(store_path):
+def test_censored_mitigation_is_a_lower_bound_shown_as_at_least_with_a_note(store_path):
     board = board_of(store_path)
     assert board.loc["fedavg", "poison/mitigation_max_mean"] == 2 and board.loc["fedavg", "poison/mitigation_max_censored"]
     assert board.loc["wbc", "poison/mitigation_avg_mean"] == 1 and not board.loc["wbc", "poison/mitigation_avg_censored"]
+    note = ("≥: at least one attack was still active when the next attack or the end of the run came; "
+            "the mean (or max) of mitigation rounds is a lower bound")
     with Store.read(store_path) as store:
         cells = lb.cell_frame(store)
     text = lb.render(lb.build(cells), "md", cells)
     fedavg_row = next(line for line in text.splitlines() if line.startswith("| 2 | fedavg"))
-    assert "| >2.0 ± 0.0 |" in fedavg_row
-    assert ">2.0 ± 0.0" in lb.render(lb.build(cells), "latex", cells).replace(r"\textgreater{}", ">").replace(r"$\pm$", "±")
+    assert "| ≥2.0 ± 0.0 | ≥2.0 ± 0.0 |" in fedavg_row and ">" not in fedavg_row
+    assert f"_{note}_" in text
+    tex = lb.render(lb.build(cells), "latex", cells)
+    assert r"$\geq$2.0 $\pm$ 0.0" in tex and "≥" not in tex.split("% score")[0]
+    assert note in lb.render(lb.build(cells), "html", cells)
+    table = CliRunner().invoke(main, ["leaderboard", "--store", str(store_path)]).output
+    fedavg_line = next(line for line in table.splitlines() if " fedavg " in line)
+    assert "≥2.0 ± 0.0" in fedavg_line and ">2" not in fedavg_line
+    assert note in table
+
+
+def test_csv_and_json_exports_keep_censoring_as_a_flag_column(store_path):
+    csv = pd.read_csv(io.StringIO(CliRunner().invoke(main, ["leaderboard", "--store", str(store_path), "--format", "csv"]).output))
+    by_defense = csv.set_index("defense")
+    assert by_defense.loc["fedavg", "poison/mitigation_avg_mean"] == 2.0  # a number, not "≥2.0"
+    assert bool(by_defense.loc["fedavg", "poison/mitigation_avg_censored"]) is True
+    assert bool(by_defense.loc["wbc", "poison/mitigation_avg_censored"]) is False
+    records = json.loads(CliRunner().invoke(main, ["leaderboard", "--store", str(store_path), "--format", "json"]).output)
+    assert {r["defense"]: r["poison/mitigation_max_censored"] for r in records} == {"fedavg": True, "wbc": False}
 
 
 def test_diverged_cell_scores_zero_and_failed_cell_leaves_its_seed_unscored(tmp_path):

@@ -10,9 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 import fedbench
@@ -52,7 +55,7 @@ PLUGIN_SOURCE = textwrap.dedent('''
 
         name: ClassVar[str] = "nan"
 
-        def aggregate(self, updates, weights, generator):
+        def aggregate(self, updates, weights, ctx):
             return torch.full_like(updates[0], float("nan"))
 
 
@@ -150,7 +153,7 @@ def test_unknown_attack_lists_the_known_ones_before_any_work(tmp_path):
     assert result.exit_code == 2
     assert "unknown attack 'nope'" in result.output and "poison" in result.output and "none" in result.output
     assert not store.exists()
-    with pytest.raises(SpecError, match="known defenses and aggregators: .*wbc"):
+    with pytest.raises(SpecError, match="known defenses, pre-aggregators and aggregators: .*wbc"):
         mx.expand(attacks=["poison"], defenses=["wbc", "cma+nothere"])
 
 
@@ -421,3 +424,111 @@ def test_plugin_that_worker_processes_cannot_load_is_refused_before_any_work(tmp
             assert store.statuses() == {}
     finally:
         fedbench.unregister_plugin("in-memory")
+
+
+# --------------------------------------------------------------------------------------------------
+# Missing data: one error before any cell, and failures of the environment do not stick
+# --------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Mounted(fedbench.Dataset):
+    """Test dataset whose files are there only while ``Mounted.available`` (a data folder that a
+    mistyped --data-dir, or a worker machine without the files, does not have)."""
+
+    name: ClassVar[str] = "test-mounted"
+    default_model: ClassVar[str] = "mlp"
+    scenario_defaults: ClassVar[dict] = {"num_clients": 6, "num_malicious": 1, "clients_per_round": 3}
+    available: ClassVar[bool] = False
+    loads: ClassVar[int] = 0
+
+    def load(self, data_dir):
+        if not Mounted.available:
+            raise fedbench.DataError(f"test-mounted: no files under {data_dir}")
+        Mounted.loads += 1
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(260, 1, 2, 2, generator=g), torch.arange(260) % 2
+        return fedbench.DatasetTensors(x[:200], y[:200], x[200:], y[200:], num_classes=2)
+
+
+class MountedPlugin:
+    @fedbench.hookimpl
+    def register_datasets(self, register):
+        register(Mounted)
+
+
+@pytest.fixture
+def mounted(use_plugin):
+    from fedbench.data import load_dataset
+
+    Mounted.available, Mounted.loads = False, 0
+    load_dataset.cache_clear()
+    use_plugin(MountedPlugin(), "mounted")
+    yield Mounted
+    load_dataset.cache_clear()
+
+
+MOUNTED = ["matrix", "--attacks", "poison", "--defenses", "wbc", "--dataset", "test-mounted", "--seeds", "0,1",
+           "--rounds", "2", "--attack-rounds", "1", "--jobs", "1"]
+
+
+def test_missing_data_stops_the_matrix_before_any_cell_and_stores_nothing(mounted, tmp_path):
+    store = tmp_path / "runs.db"
+    result = CliRunner().invoke(main, [*MOUNTED, "--data-dir", str(tmp_path / "typo"), "--store", str(store)])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"Error: test-mounted: no files under {tmp_path / 'typo'}\n"
+    assert list(tmp_path.iterdir()) == []  # no store, no lock file
+    with Store.open(store) as st:
+        with pytest.raises(fedbench.DataError, match="no files under"):
+            mx.run_matrix(mx.expand(attacks=["poison"], defenses=["wbc"], datasets=["test-mounted"], rounds=2),
+                          st, jobs=1)
+        assert st.statuses() == {}
+
+
+def test_the_grid_loads_each_dataset_once_before_the_cells(mounted, tmp_path):
+    mounted.available = True
+    result = CliRunner().invoke(main, [*MOUNTED, "--store", str(tmp_path / "runs.db")])
+    assert result.exit_code == 0, result.output
+    assert mounted.loads == 1  # the driver's check; the cells (jobs=1) reuse it
+
+
+def test_data_a_worker_cannot_find_is_retried_by_the_next_run_without_retry_failed(mounted, tmp_path, monkeypatch):
+    """The driver finds the data but the workers do not (a Ray node without the files, a folder
+    unmounted mid-run): the cells are recorded interrupted, not failed, and the next run re-runs them."""
+    store = tmp_path / "runs.db"
+    with monkeypatch.context() as m:
+        m.setattr(mx, "check_data", lambda cells, data_dir=None: None)
+        first = CliRunner().invoke(main, [*MOUNTED, "--store", str(store)])
+    assert first.exit_code == 1, first.output
+    assert set(statuses(store).values()) == {"interrupted"} and len(statuses(store)) == 8
+    with Store.read(store) as st:
+        assert all(r.message.startswith("DataError: test-mounted: no files under") and "next run retries it" in r.message
+                   for r in st.cells())
+    assert "8 cell(s) did not finish" in first.output
+
+    mounted.available = True
+    second = CliRunner().invoke(main, [*MOUNTED, "--store", str(store)])
+    assert second.exit_code == 0, second.output
+    assert "8 cells run" in second.output and set(statuses(store).values()) == {"ok"}
+
+
+def test_a_cell_that_raises_after_its_data_loaded_still_fails_and_sticks(stores):
+    with Store.read(stores[1]) as store:
+        assert {r.status for r in store.cells() if r.attack == "boom" and r.defense != "nan"} == {"failed"}
+        assert {mc.cell.attack.name for mc in mx.plan(stores["cells"], store, retry_failed=True)} == {"boom"}
+        assert mx.plan(stores["cells"], store) == []
+
+
+def test_rich_progress_prints_labels_and_messages_literally():
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    progress = mx.RichProgress(Console(file=buffer, force_terminal=True, width=200, color_system=None))
+    task = mx.Task("k1", "digits mark[/] vs [bold]wbc seed=0", 2, {})
+    progress.start(1, 0, [task], "in this process")
+    progress.task_started(task)
+    progress.round_done("k1", 1)
+    progress.task_finished(task, {"status": "failed", "message": "ValueError: expected [/red] here"})
+    progress.stop()
+    text = buffer.getvalue()
+    assert "failed      digits mark[/] vs [bold]wbc seed=0  ValueError: expected [/red] here" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from fedbench.cli import main
 from fedbench.errors import FedbenchError
 from fedbench.matrix import MatrixCell
 from fedbench.spec import make_cell
+from fedbench import store as store_module
 from fedbench.store import SCHEMA_VERSION, Store, lock
 
 
@@ -130,7 +132,7 @@ def test_a_file_that_is_not_a_store_is_refused_and_left_untouched(tmp_path):
 def test_lock_refuses_a_second_holder(tmp_path):
     path = tmp_path / "runs.db"
     with lock(path):
-        with pytest.raises(FedbenchError, match="in use by another `fedbench matrix`"):
+        with pytest.raises(FedbenchError, match=r"in use by another fedbench command \(fedbench matrix, pid "):
             with lock(path):
                 pass
     with lock(path):  # released, so it can be taken again
@@ -153,8 +155,58 @@ def test_second_matrix_on_a_store_in_use_is_refused(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         result = CliRunner().invoke(main, ["matrix", "--attacks", "poison", "--defenses", "wbc", "--store", str(path)])
         assert result.exit_code == 2
-        assert "in use by another `fedbench matrix`" in result.output and f"pid {holder.pid}" in result.output
+        assert f"in use by another fedbench command (fedbench matrix, pid {holder.pid}," in result.output
         assert not path.exists()
     finally:
         holder.communicate("")
     assert holder.returncode == 0
+
+
+def test_the_lock_file_is_removed_when_the_holder_is_done(tmp_path):
+    path = tmp_path / "runs.db"
+    with lock(path, "fedbench run"):
+        assert (tmp_path / "runs.db.lock").read_text().startswith("fedbench run, pid ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_lock_file_stays_beside_a_file_refused_as_not_a_store(tmp_path):
+    text = tmp_path / "notes.db"
+    text.write_text("not sqlite\n" * 100)
+    result = CliRunner().invoke(main, ["matrix", "--attacks", "poison", "--defenses", "wbc", "--rounds", "2",
+                                       "--store", str(text)])
+    assert result.exit_code == 2 and "not a fedbench result store" in result.output
+    result = CliRunner().invoke(main, ["run", "--rounds", "1", "--store", str(text)])
+    assert result.exit_code == 2 and "not a fedbench result store" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+def test_an_acquirer_that_locked_an_unlinked_lock_file_starts_over(tmp_path, monkeypatch):
+    """The race the unlink on release opens: between our open and our flock, the holder removes the
+    file and a third process takes a fresh one. Our flock then succeeds on a file no path names; the
+    check after locking sees that, starts over, and finds the new holder."""
+    path, lock_path = tmp_path / "runs.db", tmp_path / "runs.db.lock"
+    real_try_lock = store_module._try_lock
+    third: list[int] = []
+
+    def racing_try_lock(fd):
+        if not third:
+            os.unlink(lock_path)
+            third.append(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
+            os.write(third[0], b"fedbench matrix, pid 1, started just now")
+            assert real_try_lock(third[0])
+        return real_try_lock(fd)
+
+    monkeypatch.setattr(store_module, "_try_lock", racing_try_lock)
+    try:
+        with pytest.raises(FedbenchError, match=r"in use by another fedbench command \(fedbench matrix, pid 1, "):
+            with lock(path):
+                pass
+    finally:
+        os.close(third[0])
+    assert lock_path.exists()  # the third process's file: only its holder removes it
+
+
+def test_a_store_in_a_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FedbenchError, match="cannot use result store .*nowhere"):
+        with lock(tmp_path / "nowhere" / "runs.db"):
+            pass
