@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+_INF = float("inf")
+
 
 def norms(x: torch.Tensor) -> torch.Tensor:
     """L2 norm of each row, in float64 (``[n]``)."""
@@ -25,17 +27,65 @@ def clip_to_norm(x: torch.Tensor, clip: float | torch.Tensor) -> torch.Tensor:
     return x * factor.to(x.dtype).unsqueeze(1)
 
 
-def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between all rows (``[n, n]``, exact zeros on the diagonal).
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: rows without NaN or inf."""
+    return torch.isfinite(x).all(dim=1)
 
-    ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b from the Gram matrix of the rows. The rows are centred
-    on their mean first (distances do not change) so that the subtraction does not cancel away the
-    small distances between similar updates far from the origin; the accumulation is in float64."""
-    c = (x - x.mean(dim=0, keepdim=True)).to(torch.float64) if x.dtype != torch.float64 else x - x.mean(dim=0, keepdim=True)
+
+def _gram_sq_distances(c: torch.Tensor) -> torch.Tensor:
+    """||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b for the rows of ``c`` (float64), from one Gram matrix."""
     gram = c @ c.T
+    gram = (gram + gram.T) / 2  # exactly symmetric, so d[i, j] == d[j, i] bit for bit
     sq = torch.diagonal(gram)
     d = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * gram).clamp_min_(0)
     d.fill_diagonal_(0)
+    return d
+
+
+#: Re-centre when the first centre is farther than sqrt(1e6) = 1000x the majority's spread from it:
+#: the relative rounding error of distances inside the majority is then at most about 1e-10.
+RECENTRE_RATIO = 1e6
+
+
+def pairwise_sq_distances(x: torch.Tensor, finite: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances between the rows of ``x`` (``[n, n]``, float64), accurate for
+    close rows even when other rows are very far away.
+
+    From the Gram matrix of the rows centred on one of them, in float64: the rounding error of an
+    entry is then about 1e-16 times the squared distances of its two rows to that centre. The first
+    centre is the first finite row; if that row lies far outside the majority of the rows (more than
+    1000x the majority's spread away; in fedbench's engine the malicious rows come first), the
+    matrix is computed again centred on the majority's medoid (the row whose ceil(g/2)-th smallest
+    distance, itself included, is smallest among the g finite rows). Typically one Gram pass.
+
+    Why not centre on the mean: one update at 1e6 per coordinate moves the mean so far that rounding
+    erases the distances between the honest updates altogether.
+
+    Rows that are not finite (``finite[i]`` False) are placed at infinity: every distance involving
+    one, its own included, is +inf; the other distances are computed as if it were absent.
+    """
+    if finite is None:
+        finite = finite_rows(x)
+    clean = x if bool(finite.all()) else torch.where(finite.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def centred_on(row: int) -> torch.Tensor:
+        c = clean.to(torch.float64, copy=True)
+        c -= c[row].clone()
+        d = _gram_sq_distances(c)
+        d[~finite] = _INF
+        d[:, ~finite] = _INF
+        return d
+
+    good = int(finite.sum())
+    if good == 0:
+        return centred_on(0)
+    first = int(torch.nonzero(finite)[0])
+    d = centred_on(first)
+    spread = torch.sort(d, dim=1).values[:, (good - 1) // 2]
+    medoid = int(torch.argmin(spread))
+    if float(d[first, medoid]) > RECENTRE_RATIO * float(spread[medoid]):
+        del d
+        d = centred_on(medoid)
     return d
 
 

@@ -83,3 +83,23 @@ def test_weighted_sum_ignores_rows_with_zero_coefficient_even_when_they_are_nan(
     x = torch.tensor([[1.0, 2.0], [float("nan"), float("inf")], [3.0, -1.0]])
     assert weighted_sum(torch.tensor([0.5, 0.0, 2.0]), x).tolist() == [6.5, -1.0]
     assert torch.isnan(weighted_sum(torch.tensor([0.5, 1.0, 2.0]), x)).any()  # a counted NaN row still counts
+
+
+def test_pairwise_distances_stay_accurate_between_close_rows_when_others_are_far_away():
+    from fedbench.vectors import pairwise_sq_distances
+
+    g = torch.Generator().manual_seed(0)
+    honest = 0.01 * torch.randn(8, 100_000, generator=g)
+    x = torch.cat([torch.full((2, 100_000), 1e6), honest])  # attackers first, as the engine orders rows
+    d = pairwise_sq_distances(x)
+    exact = torch.cdist(honest.double(), honest.double()) ** 2
+    assert torch.allclose(d[2:, 2:], exact, rtol=1e-6, atol=1e-9)
+    assert torch.equal(d, d.T) and bool((torch.diagonal(d) == 0).all())
+
+
+def test_pairwise_distances_put_non_finite_rows_at_infinity():
+    from fedbench.vectors import pairwise_sq_distances
+
+    x = torch.tensor([[0.0, 0.0], [float("nan"), 1.0], [3.0, 4.0]])
+    d = pairwise_sq_distances(x)
+    assert d[0, 2] == 25.0 and bool(torch.isinf(d[1]).all()) and bool(torch.isinf(d[:, 1]).all())
