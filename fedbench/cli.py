@@ -269,6 +269,8 @@ def _summary(result, console) -> None:
     table.add_column("value", justify="right")
     table.add_row("final benign accuracy (full test set)", f"{result.final_accuracy:.4f}")
     table.add_row("adversarial rounds", ", ".join(map(str, result.adversarial_rounds)) or "none")
+    if result.adversarial_rounds and not any("success" in row for row in result.rounds):
+        table.add_row("attack success, mitigation rounds", "n/a (the attack reports no success metric)")
     table.add_row("wall time", f"{result.seconds:.1f} s")
     console.print(table)
     if result.mitigation:

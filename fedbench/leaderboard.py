@@ -37,9 +37,12 @@ produced it. One row per defense stack; per attack, a group of columns. Every nu
 computed per seed, then averaged over seeds (``score_mean``, ``score_std``). It rewards keeping the
 benign accuracy under attack and suppressing the attack's lasting effect, and needs both: a defense
 that stops the attack by destroying the model scores as badly as one that lets the attack through.
-A diverged cell counts 0; an attack without a ``success`` metric (or a run without an adversarial
-round) counts its accuracy alone; a failed or missing cell leaves that seed unscored, and a defense
-with no scored seed ranks last. Ties go to the higher clean accuracy. With no attack in the grid the
+A diverged cell counts 0; a run without an adversarial round counts its accuracy alone; an attack
+that reports no ``success`` metric is left out of the score (its success and mitigation columns are
+n/a, never 0: a missing measurement must not read as a perfect defense), and with no attack left the
+score is n/a; a failed or missing cell leaves that seed unscored, and a defense with no scored seed
+ranks last. Untargeted attacks have the benign error as their success, so their term is accuracy
+squared: still higher for the defense that keeps more accuracy. Ties go to the higher clean accuracy. With no attack in the grid the
 score is the clean accuracy.
 
 Diverged cells count with the accuracy they ended at (the defense broke the model); failed cells
@@ -121,6 +124,7 @@ def cell_frame(store: Store, keys: Iterable[str] | None = None) -> pd.DataFrame:
             "message": rec.message,
             "final_accuracy": rec.final_accuracy if rec.status in ("ok", "diverged") else math.nan,
             "adversarial_rounds": len(rec.adversarial),
+            "success_measured": bool(success.get(rec.key)),
             "success_peak": _mean([m["peak"] for m in mit]) if measured else math.nan,
             "success_avg": _mean(lasting) if measured else math.nan,
             "mitigation_avg": _mean(counts) if measured else math.nan,
@@ -134,7 +138,7 @@ def cell_frame(store: Store, keys: Iterable[str] | None = None) -> pd.DataFrame:
 
 _CELL_COLUMNS = ("key", "setting", "setting_key", "dataset", "partition", "model", "protocol", "rounds",
                  "warmup_rounds", "attack", "defense", "seed", "clean", "status", "message", "final_accuracy",
-                 "adversarial_rounds", "success_peak", "success_avg", "mitigation_avg", "mitigation_avg_censored",
+                 "adversarial_rounds", "success_measured", "success_peak", "success_avg", "mitigation_avg", "mitigation_avg_censored",
                  "mitigation_max", "mitigation_max_censored", "seconds")
 
 
@@ -228,8 +232,7 @@ def _build_setting(cells: pd.DataFrame) -> pd.DataFrame:
             row[f"{attack}/status"] = _status(runs)
             for s, r in zip(seeds, runs):
                 terms[s].append(_score_term(r))
-        per_seed = [(_mean(t) if not any(math.isnan(x) for x in t) else math.nan) if t else a
-                    for t, a in zip(terms.values(), clean_acc)]
+        per_seed = [_seed_score(t, a) if attacks else a for t, a in zip(terms.values(), clean_acc)]
         row.update(_mean_std("score", per_seed))
         row["seeds"] = sum(1 for v in per_seed if not math.isnan(v))
         rows.append(row)
@@ -242,13 +245,25 @@ def _build_setting(cells: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _score_term(run) -> float:
+def _score_term(run) -> float | None:
+    """One attack's term of a seed's score: NaN when the cell has no result, ``None`` when the attack
+    reports no success metric (left out of the score)."""
     if run is None or run.status not in ("ok", "diverged"):
         return math.nan
     if run.status == "diverged":
         return 0.0
+    if run.adversarial_rounds and not run.success_measured:
+        return None
     success = 0.0 if math.isnan(run.success_avg) else min(max(run.success_avg, 0.0), 1.0)
     return run.final_accuracy * (1.0 - success)
+
+
+def _seed_score(terms: list, clean_accuracy: float) -> float:
+    """Mean of a seed's terms; NaN when a cell is missing or no attack could be scored."""
+    scored = [t for t in terms if t is not None]
+    if not scored or any(math.isnan(t) for t in scored):
+        return math.nan
+    return _mean(scored)
 
 
 def _acc(run) -> float:

@@ -407,3 +407,10 @@ def test_list_defenses_shows_every_stage_of_a_stack_with_where_it_runs():
     for name in ("wbc", "ldp", "clip", "nnm", "bucketing", "krum", "fltrust", "cma"):
         assert f"\n│ {name} " in out or f"┃ {name} " in out or f"│ {name} " in out
     assert invoke("list", "pre-aggregators").exit_code == 0 and "Aggregators" not in invoke("list", "preaggregators").output
+
+
+def test_run_summary_says_na_for_an_attack_without_a_success_metric(toy_plugin):
+    result = invoke("run", "--attack", "test-boost", "--rounds", "3", "--attack-rounds", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "n/a (the attack reports no success metric)" in result.output
+    assert "peak success" not in result.output

@@ -225,3 +225,24 @@ def test_leaderboard_of_a_missing_store_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["leaderboard", "--store", str(tmp_path / "none.db")])
     assert result.exit_code == 2 and "no result store" in result.output
     assert not (tmp_path / "none.db").exists()
+
+
+def test_an_attack_without_a_success_metric_is_left_out_of_the_score_and_shown_as_na(tmp_path):
+    with Store.open(tmp_path / "r.db") as store:
+        put(store, "none", "fedavg", 0, 0.9)
+        put(store, "poison", "fedavg", 0, 0.8, success=[0.0, 0.6, 0.4, 0.2], mitigation=[(2, True)])
+        put(store, "backdoor", "fedavg", 0, 0.7)  # reports no success metric
+        frame = lb.cell_frame(store)
+    board = lb.build(frame)
+    row = board.iloc[0]
+    assert row["score_mean"] == pytest.approx(0.8 * (1 - 0.4))  # the poison term alone, not (0.48 + 0.7) / 2
+    assert math.isnan(row["backdoor/success_avg_mean"]) and math.isnan(row["backdoor/mitigation_avg_mean"])
+    assert row["backdoor/accuracy_mean"] == pytest.approx(0.7)
+
+
+def test_with_no_attack_that_measures_success_the_score_is_na(tmp_path):
+    with Store.open(tmp_path / "r.db") as store:
+        put(store, "none", "fedavg", 0, 0.9)
+        put(store, "backdoor", "fedavg", 0, 0.7)
+        board = lb.build(lb.cell_frame(store))
+    assert math.isnan(board.iloc[0]["score_mean"]) and board.iloc[0]["seeds"] == 0
