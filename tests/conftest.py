@@ -192,3 +192,27 @@ def toy_plugin(use_plugin):
     BoostedHonest.calls.clear()
     RecordingFedAvg.calls.clear()
     return use_plugin(ToyPlugin(), "toy")
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparing runs
+# --------------------------------------------------------------------------------------------------
+def _assert_trainers_agree(cell, tol: float = 1e-4):
+    """Run ``cell`` with the loop and the stacked trainer and check they give the same run: the same
+    adversarial rounds and metric names, every metric within ``tol``. The two trainers sum the same
+    gradients in a different order, so float32 rounding (about 1e-6 a step) is all that may differ.
+    Returns ``(loop, stacked)``."""
+    loop, stacked = fedbench.run_cell(cell, trainer="loop"), fedbench.run_cell(cell, trainer="stacked")
+    assert loop.status == stacked.status == "ok"
+    assert loop.adversarial_rounds == stacked.adversarial_rounds
+    for a, b in zip(loop.rounds, stacked.rounds, strict=True):
+        assert a.keys() == b.keys()
+        for key in [k for k in a if k not in ("round", "adversarial", "eval_n")]:
+            assert a[key] == pytest.approx(b[key], abs=tol), (a["round"], key)
+    return loop, stacked
+
+
+@pytest.fixture
+def assert_trainers_agree():
+    """The check above, for tests: ``loop, stacked = assert_trainers_agree(cell)``."""
+    return _assert_trainers_agree

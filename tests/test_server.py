@@ -147,25 +147,6 @@ def test_optional_parameters_default_to_auto_and_take_numbers(server_plugin):
         fedbench.parse_defense("test-spy:f=-1")
 
 
-def test_a_name_in_two_stack_kinds_is_an_error_naming_both_plugins(use_plugin):
-    @dataclass(kw_only=True)
-    class FakeCma(fedbench.PreAggregator):
-        """Clashes with the built-in cma aggregator."""
-
-        name: ClassVar[str] = "cma"
-
-    class Clash:
-        @fedbench.hookimpl
-        def register_preaggregators(self, register):
-            register(FakeCma)
-
-    use_plugin(Clash(), "clash")
-    with pytest.raises(FedbenchError, match=r"'cma' is registered twice in defense stacks: as ") as err:
-        fedbench.registry()
-    assert "as aggregator by robust (fedbench-suite" in str(err.value)
-    assert "as preaggregator by clash (registered directly)" in str(err.value)
-
-
 # --------------------------------------------------------------------------------------------------
 # Checks before any cell runs
 # --------------------------------------------------------------------------------------------------
