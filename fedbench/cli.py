@@ -391,6 +391,10 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
             todo = mx.plan(cells, store, retry_failed=retry_failed)
     if not (executor == "ray" and ray_address):
         mx.check_data(todo, opts["data_dir"])
+        if todo:
+            from fedbench.engine import resolve_device
+
+            resolve_device(opts["device"])
 
     if quiet:
         progress = mx.Progress()

@@ -114,7 +114,7 @@ def run_cell(
     started = time.perf_counter()
     reg = registry()
     hook = get_manager().hook
-    dev = _device(device)
+    dev = resolve_device(device)
     sc, seed = cell.scenario, cell.seed
 
     data = load_dataset(cell.dataset, data_dir)
@@ -344,7 +344,9 @@ def _trainer(name: str, model: FlatModel, dev: torch.device):
     return TRAINERS[name](model, dev)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; a clear error where it does not exist (the
+    matrix checks this before any cell runs, so a missing GPU is not recorded in every cell)."""
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise FedbenchError(f"unknown device '{name}'; use cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():

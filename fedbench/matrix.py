@@ -660,8 +660,12 @@ def run_matrix(
     common = {"data_dir": data_dir, "device": device, "trainer": trainer}
     if any(mc.warmup_rounds for mc in todo):
         require_warm_start()
-    if not (executor == "ray" and ray_address):
+    if not (executor == "ray" and ray_address):  # on a cluster, data and devices are the nodes'
         check_data(todo, data_dir)
+        if todo:
+            from fedbench.engine import resolve_device
+
+            resolve_device(device)
 
     warmups: dict[str, Task] = {}
     for mc in todo:

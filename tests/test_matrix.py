@@ -532,3 +532,15 @@ def test_rich_progress_prints_labels_and_messages_literally():
     progress.stop()
     text = buffer.getvalue()
     assert "failed      digits mark[/] vs [bold]wbc seed=0  ValueError: expected [/red] here" in text
+
+
+def test_a_missing_gpu_stops_the_matrix_before_any_cell_and_stores_nothing(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    store = tmp_path / "r.db"
+    result = CliRunner().invoke(main, ["matrix", "--attacks", "poison", "--defenses", "fedavg", *CLI_SCENARIO,
+                                       "--device", "cuda", "--store", str(store)])
+    assert result.exit_code == 2, result.output
+    assert "torch sees no CUDA GPU here" in result.output
+    assert not store.exists()
