@@ -30,7 +30,7 @@ def register_attacks(register):
 
 @hookimpl
 def register_datasets(register):
-    for cls in (data.Digits, data.FashionMNIST, data.Cifar10):
+    for cls in (data.Digits, data.FashionMNIST, data.Cifar10, data.ImageFolder, data.Npz):
         register(cls)
 
 

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedbench.components import POSITIVE, AT_LEAST_ONE, Dataset, DatasetTensors, Partition, param
-from fedbench.errors import DataError
+from fedbench.components import POSITIVE, AT_LEAST_ONE, Dataset, DatasetTensors, NON_NEGATIVE, Partition, param
+from fedbench.errors import DataError, SpecError
 
 
 def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -197,6 +197,251 @@ class Cifar10(Dataset):
             return x, torch.from_numpy(z[f"{split}_labels"].astype(np.int64))
 
         return (*decode("train"), *decode("test"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bring your own data
+# --------------------------------------------------------------------------------------------------
+def _standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise both splits per channel with the TRAIN split's mean and std (a constant channel,
+    std 0, is only centred)."""
+    mean = train_x.mean(dim=(0, 2, 3))
+    std = train_x.std(dim=(0, 2, 3))
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return _normalise(train_x, mean, std), _normalise(test_x, mean, std)
+
+
+def _require_path(component: Dataset, param_name: str) -> None:
+    """Refuse a user-data dataset spec without its path, when the spec is parsed (not at load time).
+
+    The path is a spec parameter, so it is part of the cell's spec and hash exactly as typed. It is not
+    resolved to an absolute path: that would make a spec depend on the directory it was parsed in,
+    and a relative spec could no longer be shared between machines. ``~`` is expanded and a relative
+    path is read from the current directory when the data loads."""
+    if not getattr(component, param_name).strip():
+        raise SpecError(f"{component.name}: parameter '{param_name}' is required: {component.name}:{param_name}=PATH")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: PIL modes read as one grayscale channel (alpha dropped); every other 8-bit mode (RGB, RGBA, P, CMYK, ...) is RGB.
+_GRAY_MODES = ("1", "L", "LA")
+
+
+@dataclass(kw_only=True)
+class ImageFolder(Dataset):
+    """Your own images: root/train/<class>/*.png|jpg|jpeg and root/test/<class>/... (classes = train's folders).
+
+    Classes are the sub-folders of ``train/`` in sorted (string) order, label 0 first; hidden folders
+    (``.ipynb_checkpoints``) and files directly under ``train/`` or ``test/`` are ignored, as are files
+    of other types inside a class folder. ``test/`` must hold the same class folders or a subset of
+    them. Images are read with PIL: one grayscale channel when every image (both splits) is
+    grayscale (mode ``1``, ``L`` or ``LA``), else RGB for all (alpha dropped, grayscale images repeated on
+    three channels). All images must share one size unless ``size=N`` resizes every image to NxN
+    (bilinear, aspect ratio not kept). 16-bit and float images are refused. Both splits are
+    normalised per channel with the training split's mean and std.
+
+    The default model is ``mlp`` (it takes any shape: a dataset's default model is chosen before the
+    images are read); pass ``--model cifar-cnn`` for 3x32x32 images or ``--model fmnist-cnn`` for
+    1x28x28.
+    """
+
+    name: ClassVar[str] = "imagefolder"
+    default_model: ClassVar[str] = "mlp"
+    root: str = param("", "(required) folder holding train/<class>/ and test/<class>/ (as written; ~ expanded)")
+    size: int = param(0, "resize every image to size x size (0: keep; then all images must share one size)",
+                      check=NON_NEGATIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_path(self, "root")
+
+    def load(self, data_dir):
+        root = Path(self.root).expanduser()
+        layout = f"{root}/train/<class>/*.png|jpg|jpeg and {root}/test/<class>/..."
+        if not root.is_dir():
+            raise DataError(f"imagefolder: {root} is not a folder (expected {layout})")
+        train = self._class_files(root, "train", layout)
+        test = self._class_files(root, "test", layout)
+        classes = sorted(train)
+        extra = sorted(set(test) - set(classes))
+        if extra:
+            raise DataError(
+                f"imagefolder: {root}/test/{extra[0]} is a class folder that {root}/train/ does not have "
+                f"(test/ must hold the class folders of train/ or a subset: {', '.join(classes)})"
+            )
+        images, labels, n_train = [], [], 0
+        first: tuple[Path, tuple[int, int]] | None = None
+        for split, folders in (("train", train), ("test", test)):
+            for label, cls in enumerate(classes):
+                for path in folders.get(cls, ()):
+                    array, size = self._read(path)
+                    if not self.size:
+                        if first is None:
+                            first = (path, size)
+                        elif size != first[1]:
+                            raise DataError(
+                                f"imagefolder: {path} is {size[0]}x{size[1]} but {first[0]} is "
+                                f"{first[1][0]}x{first[1][1]}; all images must share one size "
+                                f"(or pass imagefolder:root=...,size=N to resize every image to NxN)"
+                            )
+                    images.append(array)
+                    labels.append(label)
+                    n_train += split == "train"
+        if any(a.shape[2] == 3 for a in images):
+            images = [a if a.shape[2] == 3 else np.repeat(a, 3, axis=2) for a in images]
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+        y = torch.tensor(labels, dtype=torch.int64)
+        trx, tex = _standardise(x[:n_train], x[n_train:])  # train images come first
+        return DatasetTensors(trx, y[:n_train], tex, y[n_train:], num_classes=len(classes))
+
+    @staticmethod
+    def _class_files(root: Path, split: str, layout: str) -> dict[str, list[Path]]:
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(f"imagefolder: no folder {folder} (expected {layout})")
+        classes = {}
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith("."))
+            if not files:
+                raise DataError(f"imagefolder: no .png/.jpg/.jpeg images in {sub} (expected {sub}/*.png|jpg|jpeg)")
+            classes[sub.name] = files
+        if not classes:
+            raise DataError(f"imagefolder: no class folders in {folder} (expected {folder}/<class>/*.png|jpg|jpeg)")
+        return classes
+
+    def _read(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image as uint8 [H, W, 1] (grayscale) or [H, W, 3], and its original (width, height)."""
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                img.load()
+                if img.mode.startswith(("I", "F")):
+                    raise DataError(f"imagefolder: {path} is a {img.mode} (16-bit or float) image; "
+                                    "only 8-bit images are read (convert it to 8-bit)")
+                size = img.size
+                img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
+                if self.size:
+                    img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+                array = np.asarray(img, dtype=np.uint8)
+        except DataError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"imagefolder: cannot read {path} as an image ({error})") from error
+        return (array[:, :, None] if array.ndim == 2 else array), size
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(kw_only=True)
+class Npz(Dataset):
+    """Your own arrays: an .npz file with x_train, y_train, x_test, y_test (integer labels 0..C-1).
+
+    Images ``x_*`` are uint8 (divided by 255) or a float type (taken as they are, any range; NaN and
+    infinity refused), in one of three layouts: ``[n, H, W]`` (one channel), ``[n, H, W, C]`` or
+    ``[n, C, H, W]``. With ``layout=auto`` a 4-D array is channels-last when its last axis is 1 or 3
+    and its axis 1 is not, channels-first in the opposite case; anything else (both or neither, e.g.
+    RGBA) needs ``layout=nhwc`` or ``layout=nchw``. Labels ``y_*`` are an integer type, shape
+    ``[n]`` or ``[n, 1]``; ``num_classes`` is the largest label of both splits plus one. The file is
+    read with ``allow_pickle=False``: object arrays are refused, never unpickled. Both splits are
+    normalised per channel with the training split's mean and std. The default model is ``mlp``
+    (see ``imagefolder``).
+    """
+
+    name: ClassVar[str] = "npz"
+    default_model: ClassVar[str] = "mlp"
+    path: str = param("", "(required) the .npz file (as written; ~ expanded)")
+    layout: str = param("auto", "axes of x_train / x_test", choices=("auto", "nhw", "nhwc", "nchw"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_path(self, "path")
+
+    def load(self, data_dir):
+        import zipfile
+
+        path = Path(self.path).expanduser()
+        if not path.is_file():
+            raise DataError(f"npz: no file {path} (expected an .npz archive with arrays {', '.join(NPZ_KEYS)})")
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise DataError(f"npz: cannot read {path} as an .npz archive ({error})") from error
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"npz: {path} is a single .npy array, not an .npz archive with {', '.join(NPZ_KEYS)}")
+        with archive:
+            missing = [k for k in NPZ_KEYS if k not in archive.files]
+            if missing:
+                raise DataError(f"npz: {path} has no array '{missing[0]}' (expected {', '.join(NPZ_KEYS)}; "
+                                f"it has: {', '.join(archive.files) or 'nothing'})")
+            arrays = {}
+            for key in NPZ_KEYS:
+                try:
+                    arrays[key] = archive[key]
+                except (OSError, ValueError, zipfile.BadZipFile) as error:
+                    raise DataError(f"npz: cannot read '{key}' from {path} ({error}); "
+                                    "save plain numeric arrays (object arrays are never unpickled)") from error
+        layout = self.layout if self.layout != "auto" else self._detect(arrays["x_train"], path)
+        trx = self._images("x_train", arrays["x_train"], layout, path)
+        tex = self._images("x_test", arrays["x_test"], layout, path)
+        if trx.shape[1:] != tex.shape[1:]:
+            raise DataError(f"npz: 'x_test' in {path} has images of shape {tuple(tex.shape[1:])} (C, H, W), "
+                            f"'x_train' {tuple(trx.shape[1:])}; both splits must share one image shape")
+        tr_y = self._labels("y_train", arrays["y_train"], len(trx), "x_train", path)
+        te_y = self._labels("y_test", arrays["y_test"], len(tex), "x_test", path)
+        num_classes = int(max(tr_y.max(), te_y.max())) + 1
+        trx, tex = _standardise(trx, tex)
+        return DatasetTensors(trx, tr_y, tex, te_y, num_classes=num_classes)
+
+    @staticmethod
+    def _detect(x: np.ndarray, path: Path) -> str:
+        if x.ndim == 3:
+            return "nhw"
+        if x.ndim == 4:
+            last, second = x.shape[3] in (1, 3), x.shape[1] in (1, 3)
+            if last != second:
+                return "nhwc" if last else "nchw"
+            why = "both axis 1 and axis 3 could be" if last else "neither axis 1 nor axis 3 is"
+            raise DataError(f"npz: 'x_train' in {path} has shape {x.shape}: {why} a channel axis of size 1 or 3; "
+                            f"pass npz:path=...,layout=nhwc or layout=nchw")
+        raise DataError(f"npz: 'x_train' in {path} has shape {x.shape}; expected [n, H, W], [n, H, W, C] or [n, C, H, W]")
+
+    @staticmethod
+    def _images(key: str, x: np.ndarray, layout: str, path: Path) -> torch.Tensor:
+        ndim = 3 if layout == "nhw" else 4
+        if x.ndim != ndim:
+            raise DataError(f"npz: '{key}' in {path} has shape {x.shape}; layout {layout} needs {ndim} dimensions")
+        if len(x) == 0:
+            raise DataError(f"npz: '{key}' in {path} holds no images")
+        if x.dtype == np.uint8:
+            t = torch.from_numpy(x.astype(np.float32) / 255.0)
+        elif np.issubdtype(x.dtype, np.floating):
+            t = torch.from_numpy(x.astype(np.float32))
+            if not torch.isfinite(t).all():
+                raise DataError(f"npz: '{key}' in {path} holds NaN or infinite values")
+        else:
+            raise DataError(f"npz: '{key}' in {path} has dtype {x.dtype}; expected uint8 (0..255) or a float type")
+        if layout == "nhw":
+            t = t.unsqueeze(1)
+        elif layout == "nhwc":
+            t = t.permute(0, 3, 1, 2)
+        return t.contiguous()
+
+    @staticmethod
+    def _labels(key: str, y: np.ndarray, n: int, x_key: str, path: Path) -> torch.Tensor:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"npz: '{key}' in {path} has dtype {y.dtype}; expected integer labels 0..C-1")
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(f"npz: '{key}' in {path} has shape {y.shape}; expected [n] or [n, 1]")
+        if len(y) != n:
+            raise DataError(f"npz: '{key}' in {path} has {len(y)} labels but '{x_key}' has {n} images")
+        if y.min() < 0:
+            raise DataError(f"npz: '{key}' in {path} holds a negative label ({int(y.min())}); expected 0..C-1")
+        return torch.from_numpy(y.astype(np.int64))
 
 
 # --------------------------------------------------------------------------------------------------
