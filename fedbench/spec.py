@@ -8,6 +8,17 @@ Everything a user types to name a component is parsed here and nowhere else:
 
 Parsing looks names up in the plugin registry, coerces and validates every parameter and fills in
 defaults, so ``wbc`` and ``wbc:s=0.4`` are the same spec with the same hash.
+
+Deliberate corners of the grammar (tests/test_fuzz_grammar.py holds them):
+
+* ``poison:`` -- a ``:`` with nothing after it -- is an error, like a trailing ``,``: it is almost
+  always a truncated spec (``poison:$PARAMS`` with the variable unset), and the defaults have one
+  spelling, ``poison``.
+* Every spec a parser returns writes itself back (``canonical()``, ``str()``) as text that parses to
+  an equal spec with the same hash; so a float is written without a ``+`` in its exponent
+  (``1e20``, not ``1e+20``: ``+`` joins a defense stack) and ``-0.0`` is stored as ``0.0`` (the two
+  are equal, so they must not hash apart; scenario numbers too).
+* Anything else that cannot be parsed raises :class:`SpecError` naming the component or the text.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -76,7 +88,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value)
+        return repr(value).replace("e+", "e")  # 1e+20 would split a defense stack at its '+'
     return str(value)
 
 
@@ -91,17 +103,21 @@ def resolve(kind: str, cls: type[Component], raw: Mapping[str, Any]) -> Componen
             f"{'parameters: ' + allowed if allowed else 'it takes no parameters'}"
         )
     values = {name: info.coerce(cls.name, raw.get(name, info.default)) for name, info in infos.items()}
+    # -0.0 == 0.0, so the two must not hash apart (JSON writes them differently)
+    values = {name: 0.0 if isinstance(v, float) and v == 0 else v for name, v in values.items()}
     cls(**values)  # cross-parameter validation in __post_init__, if the component has any
     return ComponentSpec(kind, cls.name, tuple(sorted(values.items())))
 
 
 def _split_params(text: str) -> tuple[str, dict[str, str]]:
-    name, _, rest = text.strip().partition(":")
+    name, colon, rest = text.strip().partition(":")
     name = name.strip()
     if not name:
         raise SpecError(f"empty component name in {text!r}")
     params: dict[str, str] = {}
-    if rest.strip():
+    if colon and not rest.strip():
+        raise SpecError(f"{name}: nothing after ':' in {text!r}; write {name} for its defaults or {name}:key=value")
+    if colon:
         for item in rest.split(","):
             key, eq, value = item.partition("=")
             key = key.strip()
@@ -212,7 +228,7 @@ class Scenario:
                 if f.type == "int" and float(value).is_integer():
                     object.__setattr__(self, f.name, int(value))
                 elif f.type == "float":
-                    object.__setattr__(self, f.name, float(value))
+                    object.__setattr__(self, f.name, float(value) + 0.0)  # + 0.0: -0.0 would hash apart from 0.0
 
         def need(ok: bool, name: str, allowed: str) -> None:
             if not ok:
@@ -229,7 +245,7 @@ class Scenario:
         need(0.0 <= self.attack_prob <= 1.0, "attack_prob", "need 0 <= attack_prob <= 1")
         need(self.local_epochs >= 1, "local_epochs", "need >= 1")
         need(self.batch_size >= 1, "batch_size", "need >= 1")
-        need(self.lr > 0, "lr", "need > 0")
+        need(0 < self.lr < math.inf, "lr", "need a finite number > 0")
         need(0.0 <= self.momentum < 1.0, "momentum", "need 0 <= momentum < 1")
         need(0.0 < self.client_data_frac <= 1.0, "client_data_frac", "need 0 < client_data_frac <= 1")
         from fedbench.metrics import EVAL_POLICIES
