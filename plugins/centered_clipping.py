@@ -45,7 +45,8 @@ class CenteredClipping(fedbench.Aggregator):
 
     NaN/inf: a row with a NaN or inf entry cannot be clipped to a meaningful vector; it contributes
     nothing (as if it sat at the centre) and still counts in the 1/n, so its influence stays within
-    the tau / n bound and the aggregate stays finite.
+    the tau / n bound and the aggregate stays finite. A finite but huge row (1e38 per coordinate) is
+    clipped like any far row (norms in float64), so it too moves the aggregate by at most tau / n.
     """
 
     name: ClassVar[str] = "cc"

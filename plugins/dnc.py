@@ -16,7 +16,7 @@ import torch
 
 import fedbench
 from fedbench.components import AT_LEAST_ONE, NON_NEGATIVE
-from fedbench.vectors import weighted_sum
+from fedbench.vectors import finite_rows, weighted_sum
 
 
 def removed_count(c: float, f: int) -> int:
@@ -57,6 +57,12 @@ class DnC(fedbench.Aggregator):
     c = 1, but b = 20% of the coordinates; older Blades releases 1 iteration). Given the same
     generator state the coordinate sample does not depend on the order of the rows, so the rule is
     permutation invariant up to ties in the scores and floating-point summation order.
+
+    NaN/inf: a row with a NaN or inf entry (anywhere, not only in the sampled coordinates) scores
+    +inf in every iteration and the scores of the other rows are computed without it (a NaN would
+    otherwise spoil the mean μ and the decomposition of every row), so up to floor(c·f) such rows
+    are always dropped and the aggregate stays finite; with more of them some are kept and the
+    aggregate is NaN (the run diverges).
     """
 
     name: ClassVar[str] = "dnc"
@@ -76,12 +82,18 @@ class DnC(fedbench.Aggregator):
         keep = n - removed_count(self.c, f)
         good = torch.ones(n, dtype=torch.bool, device=updates.device)
         gen = ctx.generator
+        finite = finite_rows(updates)
         for _ in range(self.iters):
             if self.b >= p:
                 sub = updates
             else:
                 sub = updates[:, torch.randperm(p, generator=gen, device=gen.device)[: self.b].to(updates.device)]
-            scores = outlier_scores(sub)
+            if bool(finite.all()):
+                scores = outlier_scores(sub)
+            else:
+                scores = torch.full((n,), math.inf, dtype=torch.float64, device=updates.device)
+                if int(finite.sum()) > 0:
+                    scores[finite] = outlier_scores(sub[finite])
             kept = torch.zeros(n, dtype=torch.bool, device=updates.device)
             kept[torch.sort(scores, stable=True).indices[:keep]] = True
             good &= kept

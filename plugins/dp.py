@@ -63,6 +63,12 @@ class CentralDP(fedbench.Aggregator):
     weight (weights = client sample counts). Changing one client's clipped update moves the weighted
     mean by at most C * w_max in L2, so that is the sensitivity; with m equal weights it is C / m and
     the noise scale is b / m.
+
+    NaN/inf: clipping bounds norms, it does not filter. A row with a NaN entry stays NaN and a row
+    with an inf entry becomes NaN (its clip factor is 0, and 0 * inf is NaN), so the mean is NaN and
+    the run diverges. A finite but huge row (1e38 per coordinate) is clipped to norm C like any
+    other: its norm is taken in float64 (:func:`fedbench.vectors.clip_to_norm`), where it does not
+    overflow, so the aggregate stays finite.
     """
 
     name: ClassVar[str] = "cdp"

@@ -79,6 +79,12 @@ class Flame(fedbench.Aggregator):
     largest cluster (the same thing when a cluster must exceed n/2) and scales the noise per layer
     by γ · S_t · std(layer) with γ = 1.2e-5; BackFed uses λ = 0.001 times std(layer), a server
     learning rate, and clusters only the last two layers.
+
+    NaN/inf: a row with a NaN or inf entry gets cosine distance 2 (the largest) to every other row,
+    so it never joins the majority cluster and its coefficient is 0 (a zero-weighted NaN row does
+    not count, :func:`fedbench.vectors.weighted_sum`); its norm sorts last, so while fewer than half
+    the rows are faulty S_t stays finite and so does the aggregate. A finite but huge row is clipped
+    to S_t if admitted.
     """
 
     name: ClassVar[str] = "flame"

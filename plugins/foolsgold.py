@@ -78,6 +78,11 @@ class FoolsGold(fedbench.Aggregator):
 
     Needs to know which client sent which row: behind a pre-aggregator that mixes rows (bucketing)
     ``ctx.client_ids`` is ``None`` and the rule refuses to run.
+
+    NaN/inf: no protection (the paper is silent). A row with a NaN or inf entry enters its client's
+    history, every cosine similarity with that history is NaN, so every alpha is NaN and the
+    aggregate is NaN: the run diverges. A finite but huge row is not bounded either: it passes with
+    its alpha (several identical huge rows look like sybils of each other and get alpha 0).
     """
 
     name: ClassVar[str] = "foolsgold"

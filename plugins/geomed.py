@@ -74,6 +74,12 @@ class GeometricMedian(fedbench.Aggregator):
     NaN/inf: a row with a NaN or inf entry is dropped before the median is taken (a point at
     infinity has Weiszfeld weight alpha / ||z − x|| = 0 anyway; RFA's code rejects such updates
     too). If no finite row with positive weight remains, that is an error.
+
+    Limitation, a finite but huge row (1e38 per coordinate, far beyond the honest spread): its own
+    distance term then dominates the objective, so the relative-change stopping rule fires after a
+    few steps (about 10), while the iterate still gives it a coefficient around 1e-7; the aggregate
+    is about 1e31 and the run diverges. The bound above holds for the converged median, not for
+    that early stop (``eps=0`` runs to the cap and stays within it).
     """
 
     name: ClassVar[str] = "geomed"

@@ -44,7 +44,9 @@ class NormClip(fedbench.PreAggregator):
 
     NaN/inf: clipping bounds norms, it does not filter. A row with a NaN entry stays NaN, and a row
     with an inf entry becomes NaN (its clip factor is 0, and 0 · inf is NaN); the aggregator after
-    it decides (krum, bulyan, cma outvote a minority of NaN rows; fedavg does not).
+    it decides (krum, bulyan, cma outvote a minority of NaN rows; fedavg does not). A finite but
+    huge row (1e38 per coordinate) is scaled to the bound like any other (its norm is taken in
+    float64, where it does not overflow), so ``clip+fedavg`` stays finite under it.
     """
 
     name: ClassVar[str] = "clip"
@@ -69,7 +71,8 @@ class NearestNeighbourMixing(fedbench.PreAggregator):
     NaN/inf: a row with a NaN or inf entry is at infinite distance from every other, so no finite
     row mixes it in while it has n − f finite neighbours (true with at most f non-finite rows); the
     non-finite row itself comes out all-NaN, left to the aggregator (which krum, bulyan and cma
-    outvote).
+    outvote). A finite but huge row is not filtered: it mixes in honest rows and stays huge, so
+    ``nnm+fedavg`` diverges under it while ``nnm+cma`` outvotes it.
     """
 
     name: ClassVar[str] = "nnm"
@@ -114,8 +117,9 @@ class Bucketing(fedbench.PreAggregator):
     bucket is not shrunk towards zero. Default s = 2, the bucket size of the paper's experiments
     (ByzFL's default s = 1 is the identity).
 
-    NaN/inf: a bucket that contains a non-finite row is non-finite; f such rows spoil at most f
-    buckets, which a robust aggregator after it outvotes.
+    NaN/inf: a bucket that contains a non-finite row is non-finite (and one that contains a huge
+    row is huge); f such rows spoil at most f buckets, which a robust aggregator after it outvotes
+    (``bucketing+cma``) and a plain mean does not (``bucketing+fedavg`` diverges).
     """
 
     name: ClassVar[str] = "bucketing"

@@ -7,8 +7,11 @@ single tensor op rather than loops over clients or coordinates.
 
 Both rules ignore the client weights (sample counts): an order statistic is robust precisely because
 one client counts once, however much data it claims to have. ``torch.sort`` places NaN after every
-number, so a minority of clients uploading NaN is outvoted by the median, and trimmed by CTMA when
-it trims at least as many values per side, rather than poisoning the result.
+number, +inf after every finite number and -inf before, so a minority of clients uploading NaN
+or inf (or huge finite values) is outvoted by the median, and trimmed by CTMA when it trims at least
+as many values per side (floor(beta * n) >= the faulty values at that end), rather than poisoning
+the result; with more of them CTMA's mean, and the median of a non-minority, is non-finite or huge
+and the run diverges.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class CoordinateMedian(fedbench.Aggregator):
     With an even number of updates each coordinate takes the statistical median, the mean of the two
     middle values (reference section 4), not ``torch.median``'s lower middle value: the lower value
     would bias every coordinate downwards and make the rule depend on the sign convention.
+
+    NaN/inf: NaN and +inf sort last, -inf first, so fewer than n/2 faulty rows (at most n/2 - 1
+    for even n, where both middle values count) never reach the middle: the output stays finite.
     """
 
     name: ClassVar[str] = "cma"
@@ -57,6 +63,11 @@ class TrimmedMean(fedbench.Aggregator):
     Per coordinate, the floor(beta * n) largest and floor(beta * n) smallest of the n client values are
     removed and the rest averaged without weights (reference section 4: beta = 0.4 with 10 clients
     keeps the 2 middle values). ``beta = 0`` is the plain unweighted mean.
+
+    NaN/inf: NaN and +inf sort last, -inf first; at most floor(beta * n) of them per side are
+    trimmed and the output stays finite. One more, or a huge finite value (1e38) that is not
+    trimmed, reaches the mean and the run diverges (default beta = 0.1 with 10 or 11 clients
+    trims one value per side).
     """
 
     name: ClassVar[str] = "ctma"
