@@ -179,13 +179,21 @@ def cell_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
                    "fedbench.load_results.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON (and nothing else on stdout).")
 @click.option("--quiet", is_flag=True, help="No per-round lines or progress bar; the summary is still printed.")
-def run(attack, defense, seed, store_path, as_json, quiet, **opts) -> None:
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw this run's per-round curve to this file (.png, .svg or .pdf): the attack's success "
+                   "metric with the 0.5 threshold, or the benign accuracy when the attack reports no success; "
+                   "adversarial rounds marked.")
+def run(attack, defense, seed, store_path, as_json, quiet, plot_path, **opts) -> None:
     """Run one federated training run (a cell) and print its metrics."""
     from rich.markup import escape
 
     from fedbench.spec import make_cell
 
     cell = make_cell(attack=attack, defense=defense, seed=seed, **cell_kwargs(opts))
+    if plot_path is not None:
+        from fedbench.plots import check_image_path
+
+        check_image_path(plot_path)  # before the run, not after it
     from fedbench.engine import run_cell  # after the spec: a typo is reported before the engine loads
 
     out = _console(stderr=as_json)
@@ -204,6 +212,8 @@ def run(attack, defense, seed, store_path, as_json, quiet, **opts) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    if plot_path is not None:
+        _plot_run(result, plot_path)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         sys.exit(0 if result.status == "ok" else 1)
@@ -213,6 +223,16 @@ def run(attack, defense, seed, store_path, as_json, quiet, **opts) -> None:
     if result.status != "ok":
         out.print(f"[red]{escape(result.status)}: {escape(result.message)}[/]")
         sys.exit(1)
+
+
+def _plot_run(result, path: str) -> None:
+    """The rounds plot of one run (success, else accuracy), written to ``path``; a line on stderr."""
+    from fedbench import plots
+
+    rows = plots.run_rounds(result)
+    metric = "success" if "success" in rows and rows["success"].notna().any() else "accuracy"
+    plots.save(plots.rounds_figure(rows, metric=metric, title=result.cell.label()), path)
+    click.echo(f"{metric} per round plotted to {path}", err=True)
 
 
 def _run_into_store(cell, store_path: str, data_dir: str | None, run_it):
@@ -452,8 +472,19 @@ PIPE_WIDTH = 10_000
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json", "html", "latex"]), default=None,
               help="table (terminal) | md | csv | json | html | latex [default: from --output's extension, else table].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to this file instead of stdout.")
-def leaderboard(store_path, fmt, output) -> None:
-    """Re-render the leaderboard of a result store (nothing is re-run)."""
+@click.option("--ci", "show_ci", is_flag=True,
+              help="Show mean [95% confidence interval over seeds] instead of mean ± std (CSV and JSON always "
+                   "hold both, as <column>_ci_low and <column>_ci_high; n/a with one seed).")
+@click.option("--vs", "vs", default=None, metavar="DEFENSE",
+              help="Also compare every defense with DEFENSE, paired by seed (same schedule, data and malicious "
+                   "clients): the difference in score, clean accuracy and, per attack, accuracy and success avg, "
+                   "with its 95% t interval; * marks an interval that excludes 0. In CSV and JSON: columns "
+                   "<column>_diff, _diff_ci_low, _diff_ci_high, _diff_n.")
+def leaderboard(store_path, fmt, output, show_ci, vs) -> None:
+    """Re-render the leaderboard of a result store (nothing is re-run).
+
+    Every number is a mean over seeds; the confidence intervals are Student t intervals, which are
+    wide with 3 seeds: that is the honest uncertainty of 3 runs."""
     from pathlib import Path
 
     from fedbench import leaderboard as lb
@@ -469,18 +500,81 @@ def leaderboard(store_path, fmt, output) -> None:
     with Store.read(store_path) as store:
         frame = lb.cell_frame(store)
     board = lb.build(frame)
+    comparison = None
+    if vs is not None:
+        known = list(dict.fromkeys(frame["defense"]))
+        if vs not in known:
+            raise FedbenchError(f"--vs {vs}: no cell of that defense in {store_path}; "
+                                f"defenses: {', '.join(known) or 'none'}")
+        comparison = lb.compare(frame, vs)
+    spread = "ci" if show_ci else "std"
     if fmt == "table":
         console = _console(min_width=120)
         if board.empty:
             console.print(f"no cells in {store_path}", markup=False, highlight=False)
-        for renderable in lb.rich_tables(board, frame):
+        for renderable in lb.rich_tables(board, frame, spread=spread, comparison=comparison):
             console.print(renderable)
         return
-    text = lb.render(board, fmt, frame)
+    text = lb.render(board, fmt, frame, spread=spread, comparison=comparison)
     if output:
         _write(output, text)
     else:
         click.echo(text, nl=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# plot and report
+# --------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--kind", type=click.Choice(["rounds", "tradeoff", "heatmap"]), default="rounds", show_default=True,
+              help="rounds: a metric per round, one line per defense stack, one panel per attack; tradeoff: clean "
+                   "accuracy vs attack-mitigation rounds, one point per defense stack; heatmap: defense stacks x "
+                   "attacks.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The image file; its extension chooses the format: .png, .svg or .pdf.")
+@click.option("--metric", default=None,
+              help="rounds: the per-round metric [default: success; e.g. accuracy, loss]. heatmap: score (the "
+                   "attack's score term, accuracy x (1 - success avg)) [default], success_avg or accuracy.")
+@click.option("--attack", default=None, help="rounds: only this attack's panel [default: one panel per attack].")
+@click.option("--setting", default=None, metavar="KEY",
+              help="The setting to plot, by its key or a unique prefix of it. A store can hold several settings "
+                   "(one leaderboard each); without --setting the first one is plotted and the others are named "
+                   "on stderr. fedbench report draws every setting.")
+@click.option("--band", type=click.Choice(["std", "minmax"]), default="std", show_default=True,
+              help="rounds: the band around the mean over seeds: mean ± one sample std, or min to max.")
+def plot(store_path, kind, out_path, metric, attack, setting, band) -> None:
+    """Draw a figure of a result store (nothing is re-run).
+
+    The rounds plot marks adversarial rounds with dashed lines (fainter when only some seeds attack
+    in that round) and the 0.5 success threshold with a dotted line; the tradeoff plot draws a
+    censored mean of mitigation rounds (a lower bound) as a hollow marker."""
+    from fedbench import plots
+
+    fig, (key, label), every = plots.store_figure(store_path, kind, metric=metric, attack=attack, setting=setting,
+                                                  band=band)
+    plots.save(fig, out_path)
+    click.echo(f"{kind} plot of setting {key} ({label}) written to {out_path}", err=True)
+    if setting is None and len(every) > 1:
+        others = "; ".join(f"{k} ({lab})" for k, lab in every[1:])
+        click.echo(f"the store holds {len(every)} settings; plotted the first. Others (--setting KEY): {others}", err=True)
+
+
+@main.command()
+@click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The folder to write report.html, report.md and the figures into (created if missing).")
+def report(store_path, out_dir) -> None:
+    """Write a report of a result store: DIR/report.html (one self-contained file that opens offline,
+    figures embedded) and DIR/report.md (its figures as PNG files beside it).
+
+    Per setting: the leaderboard with 95% confidence intervals over seeds, every plot, the failed
+    and diverged cells with their messages and each cell's spec; then the versions recorded with
+    the cells."""
+    from fedbench.report import write_report
+
+    html_path, md_path = write_report(store_path, out_dir)
+    click.echo(f"report written to {html_path} and {md_path}", err=True)
 
 
 # --------------------------------------------------------------------------------------------------

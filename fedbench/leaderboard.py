@@ -3,7 +3,9 @@
 One leaderboard per *setting* (everything a cell specifies except attack, defense and seed:
 dataset, partition, model, scenario, protocol, rounds, warm start); each states the protocol that
 produced it. One row per defense stack; per attack, a group of columns. Every number is the mean
-(and sample standard deviation) over seeds of a per-cell quantity:
+over seeds of a per-cell quantity, with its sample standard deviation and its 95% Student t
+confidence interval over seeds (``<col>_mean``, ``_std``, ``_ci_low``, ``_ci_high``; the interval is
+NaN -- n/a -- with one seed, see :mod:`fedbench.stats`):
 
 ``clean_accuracy``
     final benign accuracy of the clean run (attack ``none``) with this defense.
@@ -45,6 +47,11 @@ ranks last. Untargeted attacks have the benign error as their success, so their 
 squared: still higher for the defense that keeps more accuracy. Ties go to the higher clean accuracy. With no attack in the grid the
 score is the clean accuracy.
 
+**Paired comparisons** (:func:`compare`, ``fedbench leaderboard --vs DEFENSE``): per defense, the
+difference to DEFENSE in score, clean accuracy and, per attack, accuracy and success avg, paired
+by seed (the same seed is the same schedule, data and malicious clients), with a 95% t interval
+of the per-seed differences; formatted tables mark with ``*`` an interval that excludes 0.
+
 Diverged cells count with the accuracy they ended at (the defense broke the model); failed cells
 have no numbers. Exports: CSV and JSON hold the numeric table exactly as :func:`load_results`
 returns it (censoring as the ``*_censored`` flag columns); Markdown, HTML (self-contained, every plugin-provided string escaped) and LaTeX
@@ -76,15 +83,24 @@ ATTACK_METRICS = (
     ("mitigation_max", "mitig. max", 1, True),
 )
 SETTING_COLUMNS = ("setting", "dataset", "partition", "model", "protocol", "rounds", "warmup_rounds")
-ROW_COLUMNS = ("rank", "defense", "score_mean", "score_std", "seeds",
-               "clean_accuracy_mean", "clean_accuracy_std", "clean_cost_mean", "clean_cost_std", "clean_status")
+#: The statistics of every averaged quantity, in column order: mean, sample std and the 95% Student
+#: t interval over seeds (:func:`fedbench.stats.t_interval`; NaN with one seed).
+STATS = ("mean", "std", "ci_low", "ci_high")
+
+
+def _stat_columns(name: str) -> list[str]:
+    return [f"{name}_{s}" for s in STATS]
+
+
+ROW_COLUMNS = ("rank", "defense", *_stat_columns("score"), "seeds",
+               *_stat_columns("clean_accuracy"), *_stat_columns("clean_cost"), "clean_status")
 
 
 def attack_columns(attack: str) -> list[str]:
     """The leaderboard columns of one attack, in order."""
     cols = []
     for stem, _, _, censored in ATTACK_METRICS:
-        cols += [f"{attack}/{stem}_mean", f"{attack}/{stem}_std"] + ([f"{attack}/{stem}_censored"] if censored else [])
+        cols += _stat_columns(f"{attack}/{stem}") + ([f"{attack}/{stem}_censored"] if censored else [])
     return cols + [f"{attack}/status"]
 
 
@@ -195,13 +211,15 @@ def build(cells: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard (see the module docstring for every column) from :func:`cell_frame`."""
     tables = []
     for _, group in cells.groupby("setting_key", sort=False):
-        tables.append(_build_setting(group))
+        tables.append(_build_setting(group, {}))
     if not tables:
         return pd.DataFrame(columns=[*SETTING_COLUMNS, *ROW_COLUMNS])
     return pd.concat(tables, ignore_index=True)
 
 
-def _build_setting(cells: pd.DataFrame) -> pd.DataFrame:
+def _build_setting(cells: pd.DataFrame, seed_values: dict[tuple[str, str], dict[int, float]]) -> pd.DataFrame:
+    """One setting's leaderboard; fills ``seed_values[(defense, column)]`` with ``{seed: value}`` of
+    every averaged column (for the paired comparisons of :func:`compare`)."""
     first = cells.iloc[0]
     attacks = list(dict.fromkeys(cells.loc[~cells["clean"], "attack"]))
     defenses = list(dict.fromkeys(cells["defense"]))
@@ -214,6 +232,11 @@ def _build_setting(cells: pd.DataFrame) -> pd.DataFrame:
     for defense in defenses:
         row: dict[str, Any] = {c: first[c] for c in SETTING_COLUMNS}
         row["defense"] = defense
+
+        def _mean_std(name: str, values: Sequence[float]) -> dict[str, float]:
+            seed_values[(defense, name)] = dict(zip(seeds, values))
+            return _summary(name, values)
+
         clean = [index.get((defense, clean_attack, s)) for s in seeds]
         clean_acc = [_acc(c) for c in clean]
         row.update(_mean_std("clean_accuracy", clean_acc))
@@ -285,11 +308,15 @@ def _mean(values: Iterable[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def _mean_std(name: str, values: Sequence[float]) -> dict[str, float]:
+def _summary(name: str, values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample std and 95% t interval over seeds of ``values`` (NaNs left out)."""
+    from fedbench.stats import t_interval
+
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     mean = sum(vals) / len(vals) if vals else math.nan
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else math.nan
-    return {f"{name}_mean": mean, f"{name}_std": std}
+    low, high = t_interval(vals)
+    return {f"{name}_mean": mean, f"{name}_std": std, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
 def load_results(store: str | Path = "fedbench-runs.db") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -305,32 +332,49 @@ def load_results(store: str | Path = "fedbench-runs.db") -> tuple[pd.DataFrame, 
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Table:
-    """One setting's leaderboard, formatted: caption, column groups, string cells and notes."""
+    """One setting's leaderboard (or comparison), formatted: caption, column groups, string cells,
+    notes (failed and diverged cells) and the footer lines that explain the numbers."""
 
     caption: str
     groups: list[tuple[str, int]]  # (attack label or "", number of columns)
     headers: list[str]
     rows: list[list[str]]
     notes: list[str]
+    foot: str = ""
 
 
 #: The sign of a censored value in the formatted tables, and the note under every table.
 CENSORED_SIGN = "≥"
 CENSORED_NOTE = ("≥: at least one attack was still active when the next attack or the end of the run came; "
                  "the mean (or max) of mitigation rounds is a lower bound")
+#: How the spread of a mean is shown: ``std`` (mean ± sample std) or ``ci`` (mean [95% t interval]).
+SPREADS = ("std", "ci")
+CI_NOTE = ("[a, b]: 95% Student t confidence interval of the mean over seeds (n/a with one seed); "
+           "with 3 seeds it is wide (t = 4.30) -- that is the honest uncertainty")
 
 
-def _fmt(mean: float, std: float, digits: int, censored: bool = False) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def _nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(mean: float, std: float, digits: int, censored: bool = False,
+         ci: tuple[float, float] | None = None) -> str:
+    """``mean ± std`` (or, given ``ci``, ``mean [low, high]``); ``–`` when there is no mean."""
+    if _nan(mean):
         return "–"
-    spread = std is not None and not (isinstance(std, float) and math.isnan(std))
+    spread = not _nan(std)
     if not spread and float(mean).is_integer() and digits == 1:
         digits = 0  # a single count of rounds
     text = f"{CENSORED_SIGN if censored else ''}{mean:.{digits}f}"
+    if ci is not None:
+        return text + (" [n/a]" if _nan(ci[0]) else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
     return text + (f" ± {std:.{digits}f}" if spread else "")
 
 
-def _tables(board: pd.DataFrame, cells: pd.DataFrame | None) -> list[_Table]:
+def _tables(board: pd.DataFrame, cells: pd.DataFrame | None, spread: str = "std",
+            comparison: pd.DataFrame | None = None) -> list[_Table]:
+    if spread not in SPREADS:
+        raise ValueError(f"unknown spread {spread!r}; use one of {', '.join(SPREADS)}")
     tables = []
     for setting, frame in board.groupby("setting", sort=False):
         attacks = [c[: -len("/status")] for c in frame.columns if c.endswith("/status")
@@ -340,38 +384,128 @@ def _tables(board: pd.DataFrame, cells: pd.DataFrame | None) -> list[_Table]:
         for attack in attacks:
             groups.append((attack, len(ATTACK_METRICS)))
             headers += [h for _, h, _, _ in ATTACK_METRICS]
+
+        def cell(r, name, digits, flag=False):
+            ci = (r.get(f"{name}_ci_low", math.nan), r.get(f"{name}_ci_high", math.nan)) if spread == "ci" else None
+            return _fmt(r[f"{name}_mean"], r[f"{name}_std"], digits, flag, ci)
+
         rows = []
         for r in frame.to_dict("records"):
-            line = [str(r["rank"]), str(r["defense"]), _fmt(r["score_mean"], r["score_std"], 3),
-                    _fmt(r["clean_accuracy_mean"], r["clean_accuracy_std"], 3),
-                    _fmt(r["clean_cost_mean"], r["clean_cost_std"], 3)]
+            line = [str(r["rank"]), str(r["defense"]), cell(r, "score", 3), cell(r, "clean_accuracy", 3),
+                    cell(r, "clean_cost", 3)]
             for attack in attacks:
                 for stem, _, digits, censored in ATTACK_METRICS:
                     flag = bool(r.get(f"{attack}/{stem}_censored")) if censored else False
-                    line.append(_fmt(r[f"{attack}/{stem}_mean"], r[f"{attack}/{stem}_std"], digits, flag))
+                    line.append(cell(r, f"{attack}/{stem}", digits, flag))
             rows.append(line)
         notes = []
         if cells is not None:
             bad = cells[(cells["setting"] == setting) & (cells["status"] != "ok")]
             for c in bad.itertuples(index=False):
                 notes.append(f"{c.status}: {c.attack} vs {c.defense}, seed {c.seed}" + (f" -- {c.message}" if c.message else ""))
-        tables.append(_Table(f"Setting: {setting}", groups, headers, rows, notes))
+        tables.append(_Table(f"Setting: {setting}", groups, headers, rows, notes, footer(spread)))
+        if comparison is not None:
+            diff = comparison[comparison["setting"] == setting]
+            if not diff.empty:
+                tables.append(_comparison_table(setting, diff, attacks))
     return tables
 
 
-def footer() -> str:
+def footer(spread: str = "std") -> str:
     """The notes under every formatted leaderboard: how the score is made, and what ``≥`` means."""
-    return ("score = mean over attacks of accuracy x (1 - success avg), mean ± std over seeds; "
+    shown = "mean ± std over seeds" if spread == "std" else "mean [95% CI] over seeds"
+    text = (f"score = mean over attacks of accuracy x (1 - success avg), {shown}; "
             f"drop and cost vs clean fedavg.\n{CENSORED_NOTE}")
+    return text + (f"\n{CI_NOTE}" if spread == "ci" else "")
 
 
-def render(board: pd.DataFrame, fmt: str, cells: pd.DataFrame | None = None) -> str:
-    """The leaderboard as text in ``fmt`` (``md``, ``csv``, ``json``, ``html``, ``latex``)."""
+# --------------------------------------------------------------------------------------------------
+# Paired comparisons
+# --------------------------------------------------------------------------------------------------
+#: The columns a paired comparison covers: the score and clean accuracy, and per attack these stems.
+COMPARED = ("accuracy", "success_avg")
+SIGNIFICANT = "*"
+
+
+def compare(cells: pd.DataFrame, vs: str) -> pd.DataFrame:
+    """Every defense against ``vs``, paired by seed (:func:`fedbench.stats.paired_difference`).
+
+    One row per setting and defense (in leaderboard order); per compared column ``c`` (``score``,
+    ``clean_accuracy``, ``<attack>/accuracy``, ``<attack>/success_avg``): ``c_diff`` (mean over seeds
+    of defense minus ``vs``), ``c_diff_ci_low``, ``c_diff_ci_high`` (95% t interval, NaN with one
+    seed) and ``c_diff_n`` (seeds where both have a number). Settings without ``vs`` are left out."""
+    from fedbench.stats import paired_difference
+
+    frames = []
+    for _, group in cells.groupby("setting_key", sort=False):
+        if vs not in set(group["defense"]):
+            continue
+        seed_values: dict[tuple[str, str], dict[int, float]] = {}
+        board = _build_setting(group, seed_values)
+        attacks = list(dict.fromkeys(group.loc[~group["clean"], "attack"]))
+        columns = ["score", "clean_accuracy"] + [f"{a}/{stem}" for a in attacks for stem in COMPARED]
+        rows = []
+        for defense in board["defense"]:
+            row: dict[str, Any] = {"setting": group.iloc[0]["setting"], "defense": defense, "vs": vs}
+            for col in columns:
+                d = paired_difference(seed_values.get((defense, col), {}), seed_values.get((vs, col), {}))
+                row.update({f"{col}_diff": d.mean, f"{col}_diff_ci_low": d.low, f"{col}_diff_ci_high": d.high,
+                            f"{col}_diff_n": d.n})
+            rows.append(row)
+        frames.append(pd.DataFrame(rows))
+    if not frames:
+        return pd.DataFrame(columns=["setting", "defense", "vs"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def with_comparison(board: pd.DataFrame, comparison: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard with the comparison's columns appended (for CSV and JSON)."""
+    return board.merge(comparison, on=["setting", "defense"], how="left")
+
+
+def _fmt_diff(mean: float, low: float, high: float, digits: int = 3) -> str:
+    if _nan(mean):
+        return "–"
+    ci = "[n/a]" if _nan(low) else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+    star = SIGNIFICANT if not _nan(low) and (low > 0 or high < 0) else ""
+    return f"{mean:+.{digits}f} {ci}{star}"
+
+
+def _comparison_table(setting: str, diff: pd.DataFrame, attacks: list[str]) -> _Table:
+    vs = diff.iloc[0]["vs"]
+    headers = ["defense", "score Δ", "clean acc Δ"]
+    groups = [("", len(headers))]
+    columns = ["score", "clean_accuracy"]
+    for attack in attacks:
+        if f"{attack}/accuracy_diff" in diff:
+            groups.append((attack, len(COMPARED)))
+            headers += ["acc Δ", "success avg Δ"]
+            columns += [f"{attack}/{stem}" for stem in COMPARED]
+    rows = [[str(r["defense"])] + [_fmt_diff(r[f"{c}_diff"], r[f"{c}_diff_ci_low"], r[f"{c}_diff_ci_high"])
+                                   for c in columns]
+            for r in diff.to_dict("records")]
+    n = int(diff[[c for c in diff.columns if c.endswith("_diff_n")]].max().max() or 0)
+    foot = (f"Δ = defense minus {vs}, paired by seed (same seed: same attack schedule, data and malicious "
+            f"clients), mean over {n} seed(s) [95% Student t interval of the paired differences; n/a with one "
+            f"seed]; {SIGNIFICANT}: the interval excludes 0. With 3 seeds the interval is wide (t = 4.30): that "
+            "is the honest uncertainty, which a bootstrap of 3 values would understate.")
+    return _Table(f"Paired difference to {vs} -- Setting: {setting}", groups, headers, rows, [], foot)
+
+
+def render(board: pd.DataFrame, fmt: str, cells: pd.DataFrame | None = None, *, spread: str = "std",
+           comparison: pd.DataFrame | None = None) -> str:
+    """The leaderboard as text in ``fmt`` (``md``, ``csv``, ``json``, ``html``, ``latex``).
+
+    ``spread``: ``std`` shows mean ± std, ``ci`` mean [95% CI] (formatted tables only; CSV and JSON
+    hold every column). ``comparison`` (from :func:`compare`) adds the paired differences: a table
+    after each setting's leaderboard, or columns appended in CSV and JSON."""
+    if fmt in ("csv", "json") and comparison is not None:
+        board = with_comparison(board, comparison)
     if fmt == "csv":
         return board.to_csv(index=False)
     if fmt == "json":
         return json.dumps(json.loads(board.to_json(orient="records")), indent=2) + "\n"
-    tables = _tables(board, cells)
+    tables = _tables(board, cells, spread, comparison)
     if fmt == "md":
         return _markdown(tables)
     if fmt == "html":
@@ -381,14 +515,15 @@ def render(board: pd.DataFrame, fmt: str, cells: pd.DataFrame | None = None) -> 
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS[1:])}")
 
 
-def rich_tables(board: pd.DataFrame, cells: pd.DataFrame | None = None) -> list[Any]:
+def rich_tables(board: pd.DataFrame, cells: pd.DataFrame | None = None, *, spread: str = "std",
+                comparison: pd.DataFrame | None = None) -> list[Any]:
     """The leaderboard as rich renderables (one table per setting, with notes)."""
     from rich.table import Table
     from rich.text import Text
 
     out: list[Any] = []
-    for t in _tables(board, cells):
-        table = Table(title=Text(t.caption), title_justify="left", caption=Text(footer()), caption_justify="left")
+    for t in _tables(board, cells, spread, comparison):
+        table = Table(title=Text(t.caption), title_justify="left", caption=Text(t.foot), caption_justify="left")
         pos = 0
         for group, width in t.groups:
             for i, header in enumerate(t.headers[pos: pos + width]):
@@ -405,12 +540,14 @@ def rich_tables(board: pd.DataFrame, cells: pd.DataFrame | None = None) -> list[
     return out
 
 
-def _markdown(tables: list[_Table]) -> str:
-    def esc(text: str) -> str:
-        """Table-safe and HTML-inert: ``<`` could open a tag in a Markdown renderer, ``>`` (as in the
-        censored ">k") cannot inside a table cell, so it stays readable as plain text."""
-        return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+def _md_escape(text: str) -> str:
+    """Table-safe and HTML-inert: ``<`` could open a tag in a Markdown renderer, ``>`` (as in the
+    censored ">k") cannot inside a table cell, so it stays readable as plain text."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
 
+
+def _markdown(tables: list[_Table]) -> str:
+    esc = _md_escape
     parts = []
     for t in tables:
         labels = []
@@ -422,36 +559,44 @@ def _markdown(tables: list[_Table]) -> str:
         parts += ["| " + " | ".join(esc(c) for c in row) + " |" for row in t.rows]
         parts.append("")
         parts += [f"- {esc(n)}" for n in t.notes]
-        parts.append("\n" + "\n\n".join(f"_{esc(line)}_" for line in footer().splitlines()) + "\n")
+        parts.append("\n" + "\n\n".join(f"_{esc(line)}_" for line in t.foot.splitlines()) + "\n")
     return "\n".join(parts)
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}
 th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 th{background:#f4f4f4}td.name,th.name{text-align:left}caption{text-align:left;font-weight:600;padding:6px 0}
 .notes{color:#a00}.foot{color:#666;font-size:13px}"""
 
 
-def _html(tables: list[_Table]) -> str:
+def html_tables(tables: list[_Table]) -> str:
+    """The tables as HTML elements (every string escaped; well-formed, so also valid XHTML)."""
     e = html.escape
     body = []
     for t in tables:
         body.append(f"<table>\n<caption>{e(t.caption)}</caption>\n<thead>\n<tr>")
         body += [f'<th colspan="{w}">{e(g)}</th>' for g, w in t.groups]
         body.append("</tr>\n<tr>")
-        body += [f'<th{" class=name" if h == "defense" else ""}>{e(h)}</th>' for h in t.headers]
+        body += [f'<th{_NAME if h == "defense" else ""}>{e(h)}</th>' for h in t.headers]
         body.append("</tr>\n</thead>\n<tbody>")
         for row in t.rows:
-            cells = [f'<td{" class=name" if h == "defense" else ""}>{e(c)}</td>' for h, c in zip(t.headers, row)]
+            cells = [f'<td{_NAME if h == "defense" else ""}>{e(c)}</td>' for h, c in zip(t.headers, row)]
             body.append("<tr>" + "".join(cells) + "</tr>")
         body.append("</tbody>\n</table>")
         if t.notes:
             body.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in t.notes) + "</ul>")
-    body += [f'<p class="foot">{e(line)}</p>' for line in footer().splitlines()]
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>fedbench leaderboard</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
-            "<h1>fedbench leaderboard</h1>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+        body += [f'<p class="foot">{e(line)}</p>' for line in t.foot.splitlines()]
+    return "\n".join(body)
+
+
+_NAME = ' class="name"'
+
+
+def _html(tables: list[_Table]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n"
+            f"<title>fedbench leaderboard</title>\n<style>\n{CSS}\n</style>\n</head>\n<body>\n"
+            "<h1>fedbench leaderboard</h1>\n" + html_tables(tables) + "\n</body>\n</html>\n")
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -487,5 +632,5 @@ def _latex(tables: list[_Table]) -> str:
         if t.notes:
             parts.append("\\\\[2pt]\\footnotesize " + "; ".join(_tex(n) for n in t.notes))
         parts.append("\\end{table}")
-    parts += [f"% {line}" for line in footer().splitlines()]
+        parts += [f"% {line}" for line in t.foot.splitlines()]
     return "\n".join(parts) + "\n"
