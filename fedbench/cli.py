@@ -325,6 +325,8 @@ def _load_config(ctx, param, value):
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise click.BadParameter(f"cannot read {value}: {error}") from None
     data = data.get("matrix", data)
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"[matrix] in {value} must be a table of option names and values")
     names: dict[str, str] = {}
     for p in ctx.command.params:
         names[p.name] = p.name
@@ -337,11 +339,23 @@ def _load_config(ctx, param, value):
         if name is None:
             known = sorted(k for k in names if k not in ("h", "help", "config"))
             raise click.BadParameter(f"unknown key '{key}' in {value}; known keys: {', '.join(known)}")
-        if isinstance(val, list):
-            val = ",".join(str(v) for v in val)
-        defaults[name] = val
+        defaults[name] = _config_text(key, val, value)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _config_text(key: str, val: Any, path: str) -> str:
+    """A TOML value as the text a user would type for the option, so click converts and checks it
+    exactly like a command-line value (2.7 and inf are refused for integer options, not truncated)."""
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float, str)):
+            return str(v)
+        raise click.BadParameter(f"key '{key}' in {path} has a {type(v).__name__} value; "
+                                 "give a string, a number, true/false or a list of those")
+
+    return ",".join(scalar(v) for v in val) if isinstance(val, list) else scalar(val)
 
 
 @main.command()
