@@ -441,11 +441,13 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
             report = mx.run_matrix(cells, store, jobs=jobs, executor=executor, ray_address=ray_address,
                                    data_dir=opts["data_dir"], device=opts["device"], trainer=opts["trainer"],
                                    retry_failed=retry_failed, force=force, progress=progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             done = sum(1 for s in store.statuses(mc.key for mc in cells).values() if s in st.FINISHED)
-            click.echo(f"interrupted: {done} of {len(cells)} cells are finished and kept in {store_path}; "
+            terminated = isinstance(interrupt, mx.Terminated)
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
+            click.echo(f"{what}: {done} of {len(cells)} cells are finished and kept in {store_path}; "
                        "run the same command again to resume", err=True)
-            sys.exit(130)
+            sys.exit(143 if terminated else 130)
         frame = lb.cell_frame(store, report.keys)
     board = lb.build(frame)
     for renderable in lb.rich_tables(board, frame):

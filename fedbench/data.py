@@ -100,8 +100,12 @@ def _torchvision_splits(dataset_cls, name: str, root: Path, source: str, layout:
 
     try:
         return dataset_cls(str(root), train=True, download=False), dataset_cls(str(root), train=False, download=False)
-    except RuntimeError:
-        pass
+    except (RuntimeError, ValueError, OSError) as error:
+        if "not found" not in str(error).lower():  # the files are there but cannot be read: never re-download
+            raise DataError(
+                f"{name}: the files under {root / layout} are damaged ({_damage(root / layout)}); delete them to "
+                "download them again, or copy intact ones there"
+            ) from error
     staging = Path(tempfile.mkdtemp(prefix=f"fedbench-{name}-"))
     try:
         try:
@@ -124,6 +128,31 @@ def _torchvision_splits(dataset_cls, name: str, root: Path, source: str, layout:
         return dataset_cls(str(root), train=True, download=False), dataset_cls(str(root), train=False, download=False)
     except RuntimeError as error:
         raise DataError(f"{name}: downloaded into {root}, but the files cannot be read ({error})") from error
+
+
+def _damage(folder: Path) -> str:
+    """What is wrong with a dataset folder's files, for the error: IDX files (the MNIST family) whose
+    size disagrees with their own header, else every file with its size."""
+    import struct
+
+    bad, files = [], sorted(f for f in folder.glob("*") if f.is_file()) if folder.is_dir() else []
+    for f in files:
+        if "idx" not in f.name or f.suffix == ".gz":
+            continue
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+            ndim = head[3] if len(head) == 4 else 0
+            dims = fh.read(4 * ndim)
+        if len(head) < 4 or len(dims) < 4 * ndim:
+            bad.append(f"{f.name}: {size} bytes, too short for its header")
+            continue
+        expected = 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", dims))
+        if size != expected:
+            bad.append(f"{f.name}: {size} bytes, its header says {expected}")
+    if bad:
+        return "; ".join(bad)
+    return ", ".join(f"{f.name} {f.stat().st_size} bytes" for f in files) or "no files"
 
 
 @dataclass(kw_only=True)

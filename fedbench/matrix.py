@@ -642,7 +642,8 @@ def run_matrix(
     ``jobs`` (default: the number of cores) caps the cells in flight; with one, cells run in this
     process. The caller holds the store's lock (:func:`fedbench.store.lock`). On
     ``KeyboardInterrupt`` the cells in flight are marked ``interrupted`` and the interrupt
-    propagates (the CLI exits 130); finished cells stay recorded and the next run resumes.
+    propagates (the CLI exits 130); finished cells stay recorded and the next run resumes. SIGTERM
+    does the same while the cells run: it raises :class:`Terminated`, a ``KeyboardInterrupt``.
 
     The datasets of the cells to run are loaded here first (:func:`check_data`): a missing one
     raises a :class:`DataError` before any cell is recorded. Not with ``ray_address``: on an
@@ -670,12 +671,13 @@ def run_matrix(
     warmups: dict[str, Task] = {}
     for mc in todo:
         warm = mc.warmup_cell()
-        if warm is not None and warm.hash() not in warmups and store.checkpoint(warm.hash()) is None:
+        if warm is not None and warm.hash() not in warmups and verified_checkpoint(store, warm.hash()) is None:
             warmups[warm.hash()] = Task(warm.hash(), f"warm-up {warm.dataset} seed={warm.seed}", warm.rounds,
                                         {**common, "kind": "warmup", "key": warm.hash(), "cell": warm.to_dict(),
                                          "warmup_rounds": 0})
     n_tasks = len(warmups) + len(todo)
     backend = None
+    stop_on_sigterm = _sigterm_interrupts()
     try:
         if n_tasks:
             slots = max(1, min(jobs or default_jobs(), n_tasks))
@@ -707,22 +709,79 @@ def run_matrix(
                 store.finish(mc.key, {**bad, "status": status, "result": None,
                                       "message": f"its clean warm-up failed: {bad.get('message', '')}"})
                 continue
-            tasks.append(_cell_task(mc, common, store.checkpoint(warm.hash()) if warm is not None else None))
+            checkpoint = verified_checkpoint(store, warm.hash()) if warm is not None else None
+            if warm is not None and checkpoint is None:  # cannot happen unless the store changes under us
+                raise FedbenchError(f"the warm-up checkpoint {warm.hash()} in {store.path} cannot be read back; "
+                                    "run the same command again to recompute it")
+            tasks.append(_cell_task(mc, common, checkpoint))
         for _task, _outcome in _drive(tasks, backend, store, progress):
             report.ran += 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         if backend is not None:
             backend.close(abort=True)
             backend = None
-        store.interrupt([mc.key for mc in todo], "interrupted (Ctrl-C) while running; re-run to resume")
+        why = "SIGTERM" if isinstance(error, Terminated) else "Ctrl-C"
+        store.interrupt([mc.key for mc in todo], f"interrupted ({why}) while running; re-run to resume")
         raise
     finally:
+        stop_on_sigterm()
         if backend is not None:
             backend.close()
         progress.stop()
     report.statuses = store.statuses(report.keys)
     report.seconds = time.perf_counter() - started
     return report
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while :func:`run_matrix` ran (a scheduler, ``kill``, ``timeout``). It stops the
+    matrix exactly as Ctrl-C does -- the cells in flight are recorded ``interrupted`` -- and, being
+    a ``KeyboardInterrupt``, reaches every caller that handles Ctrl-C."""
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM raises :class:`Terminated` in the main thread
+    (a second SIGTERM while the first is handled terminates at once). Elsewhere -- another thread,
+    a platform without SIGTERM -- nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):  # someone else handles SIGTERM here: leave it to them
+        return lambda: None
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def verified_checkpoint(store: Store, key: str) -> bytes | None:
+    """The warm-start checkpoint ``key`` if it is one this fedbench wrote: its bytes match the
+    SHA-256 stored with them (:meth:`Store.checkpoint`) and they load with
+    ``torch.load(weights_only=True)`` as ``{"params": <flat, finite floating-point tensor>}``.
+    Otherwise ``None``: the driver recomputes the warm-up (it is deterministic, so the cells get the
+    numbers they would have got) and replaces the checkpoint."""
+    import io
+
+    import torch
+
+    data = store.checkpoint(key)
+    if data is None:
+        return None
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, the warm-up is recomputed
+        return None
+    params = state.get("params") if isinstance(state, dict) else None
+    if (not isinstance(params, torch.Tensor) or params.dim() != 1 or not params.is_floating_point()
+            or not bool(torch.isfinite(params).all())):
+        return None
+    return data
 
 
 def _cell_task(mc: MatrixCell, common: dict[str, Any], checkpoint: bytes | None) -> Task:

@@ -14,7 +14,15 @@ results to it. Tables:
 * ``rounds`` -- the per-round metrics in long form ``(key, round, name, value)``: every attack
   defines its own measures, so they are rows, not columns.
 * ``checkpoints`` -- warm-start models (``torch.save`` bytes of tensors only), keyed by the hash of
-  the clean warm-up cell that produced them.
+  the clean warm-up cell that produced them, with the SHA-256 of those bytes. :meth:`Store.checkpoint`
+  hands out only bytes that match it; a checkpoint that does not is as good as none (the warm-up is
+  recomputed, deterministically). The column came after version 1 was released: it is added in
+  place to version 1 stores when they are opened for writing (older fedbench ignores it).
+
+Damage is refused, never written over: every open checks the file (``PRAGMA quick_check``), and any
+SQLite error while reading or writing -- a damaged page, a full disk, a read-only file -- becomes one
+:class:`FedbenchError` that names the store and what to do. A transaction that fails is rolled back,
+so what was stored before stays as it was.
 
 A second driver on the same store is refused: :func:`lock` takes an exclusive lock on
 ``<store>.lock`` for as long as a matrix (or a ``fedbench run --store``) runs, and removes the file
@@ -23,6 +31,8 @@ when it is done.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -87,9 +97,24 @@ CREATE TABLE checkpoints (
     key        TEXT PRIMARY KEY,         -- hash of the clean warm-up cell
     spec       TEXT NOT NULL,
     data       BLOB NOT NULL,            -- torch.save({{"params": flat tensor}}); load with weights_only=True
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    sha256     TEXT                      -- of data; NULL in rows an older fedbench wrote (not trusted)
 );
 """
+
+
+def _guarded(method):
+    """Turn an SQLite error inside a :class:`Store` method into one :class:`FedbenchError` (see
+    :func:`store_error`). ``with conn:`` has rolled the transaction back by then."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as error:
+            raise store_error(self.path, error) from error
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -133,20 +158,33 @@ class Store:
         The version check runs on a read-only connection first, so a file this fedbench cannot read
         is never modified (not even switched to WAL mode)."""
         path = Path(path)
-        fresh = not path.exists() or path.stat().st_size == 0
+        fresh = not path.exists() or path.stat().st_size == 0 or _no_tables(path)
         if not fresh:
             check_compatible(path)
-        conn = _connect(path, readonly=False)
+        try:
+            conn = _connect(path, readonly=False)
+        except sqlite3.Error as error:
+            raise store_error(path, error) from error
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             if fresh:
-                with conn:
-                    conn.executescript(_SCHEMA)
-                    conn.executemany(
-                        "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION)), ("created_at", repr(time.time()))],
-                    )
+                # One transaction: a process killed half-way leaves an empty file (a fresh store next
+                # time), never a schema without its meta rows, which would be refused as "not a store".
+                meta = [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION)), ("created_at", repr(time.time()))]
+                conn.executescript(
+                    "BEGIN;\n" + _SCHEMA
+                    + "".join(f"INSERT INTO meta (key, value) VALUES ('{k}', '{v}');\n" for k, v in meta)
+                    + "COMMIT;"
+                )
+            else:
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(checkpoints)")}
+                if "sha256" not in columns:  # a version 1 store from before checksums
+                    with conn:
+                        conn.execute("ALTER TABLE checkpoints ADD COLUMN sha256 TEXT")
+        except sqlite3.Error as error:
+            conn.close()
+            raise store_error(path, error) from error
         except BaseException:
             conn.close()
             raise
@@ -161,8 +199,16 @@ class Store:
                 f"no result store at {path}; fill one with `fedbench matrix --store {path}` or "
                 f"`fedbench run --store {path}` first"
             )
+        if path.is_file() and (path.stat().st_size == 0 or _no_tables(path)):
+            # Created, but never filled (a process killed while it created the store): an empty store.
+            conn = sqlite3.connect(":memory:")
+            conn.executescript(_SCHEMA)
+            return cls(path, conn)
         check_compatible(path)
-        return cls(path, _connect(path, readonly=True))
+        try:
+            return cls(path, _connect(path, readonly=True))
+        except sqlite3.Error as error:
+            raise store_error(path, error) from error
 
     def close(self) -> None:
         self._conn.close()
@@ -174,6 +220,7 @@ class Store:
         self.close()
 
     # ------------------------------------------------------------------ cells
+    @_guarded
     def statuses(self, keys: Iterable[str] | None = None) -> dict[str, str]:
         """``{key: status}`` of the given keys (all when ``None``) that have a row."""
         rows = self._conn.execute("SELECT key, status FROM cells").fetchall()
@@ -182,6 +229,7 @@ class Store:
         wanted = set(keys)
         return {k: s for k, s in rows if k in wanted}
 
+    @_guarded
     def mark_stale_running(self) -> int:
         """Cells left ``running`` by a driver that died (the caller holds the lock, so no driver is
         running them now) become ``interrupted``. Returns how many."""
@@ -192,6 +240,7 @@ class Store:
             )
         return cur.rowcount
 
+    @_guarded
     def start(self, key: str, spec: Mapping[str, Any], warmup_rounds: int, info: Mapping[str, Any]) -> None:
         """Record that a cell was handed to a worker (status ``running``). ``info`` holds the labels:
         ``cell_hash``, ``label``, ``dataset``, ``partition``, ``model``, ``attack``, ``defense``,
@@ -208,6 +257,7 @@ class Store:
                  info["defense"], int(info["seed"]), info["setting"], info["setting_label"], time.time()),
             )
 
+    @_guarded
     def finish(self, key: str, outcome: Mapping[str, Any]) -> None:
         """Record a worker's outcome (see :func:`fedbench.matrix.execute`) and its per-round metrics,
         replacing whatever an earlier attempt left, in one transaction."""
@@ -250,6 +300,7 @@ class Store:
                 ],
             )
 
+    @_guarded
     def interrupt(self, keys: Iterable[str], message: str) -> None:
         """Mark in-flight cells ``interrupted`` (Ctrl-C, a dead worker): the next run re-runs them."""
         with self._conn:
@@ -258,6 +309,7 @@ class Store:
                 [(message, time.time(), k) for k in keys],
             )
 
+    @_guarded
     def cells(self, keys: Iterable[str] | None = None) -> list[CellRecord]:
         """Cell records (all, or those of ``keys`` in that order)."""
         rows = self._conn.execute(
@@ -278,12 +330,14 @@ class Store:
             return list(records.values())
         return [records[k] for k in keys if k in records]
 
+    @_guarded
     def rounds(self, keys: Iterable[str] | None = None) -> list[tuple[str, int, str, float]]:
         """Per-round metrics in long form ``(key, round, name, value)``, NaN where SQLite holds NULL."""
         rows = self._conn.execute("SELECT key, round, name, value FROM rounds ORDER BY key, round, name").fetchall()
         wanted = None if keys is None else set(keys)
         return [(k, r, n, _float(v)) for k, r, n, v in rows if wanted is None or k in wanted]
 
+    @_guarded
     def provenance(self, key: str) -> dict[str, Any]:
         """Versions, worker and timings of one cell (for reports and debugging)."""
         row = self._conn.execute(
@@ -300,15 +354,24 @@ class Store:
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    @_guarded
     def checkpoint(self, key: str) -> bytes | None:
-        row = self._conn.execute("SELECT data FROM checkpoints WHERE key=?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+        """The checkpoint stored under ``key``, or ``None`` when there is none or its bytes do not match
+        the SHA-256 stored with them (damaged, altered, or written by a fedbench that stored none)."""
+        row = self._conn.execute("SELECT data, sha256 FROM checkpoints WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        data = bytes(row[0])
+        return data if row[1] is not None and hashlib.sha256(data).hexdigest() == row[1] else None
 
+    @_guarded
     def put_checkpoint(self, key: str, spec: Mapping[str, Any], data: bytes) -> None:
+        """Store (or replace) a checkpoint with the SHA-256 of its bytes."""
         with self._conn:
             self._conn.execute(
-                "INSERT OR REPLACE INTO checkpoints (key, spec, data, created_at) VALUES (?, ?, ?, ?)",
-                (key, json.dumps(spec, sort_keys=True), sqlite3.Binary(data), time.time()),
+                "INSERT OR REPLACE INTO checkpoints (key, spec, data, created_at, sha256) VALUES (?, ?, ?, ?, ?)",
+                (key, json.dumps(spec, sort_keys=True), sqlite3.Binary(data), time.time(),
+                 hashlib.sha256(data).hexdigest()),
             )
 
 
@@ -323,9 +386,21 @@ def check_compatible(path: Path) -> None:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
         except sqlite3.DatabaseError as error:
+            if _damaged(error):
+                raise store_error(path, error) from None
+            if isinstance(error, sqlite3.OperationalError):  # cannot read it at all: a folder, no permission
+                raise FedbenchError(f"cannot open result store {path}: {error}") from None
             raise FedbenchError(
                 f"{path} is not a fedbench result store ({error}); choose another --store path"
             ) from None
+        if meta.get("format") == FORMAT and meta.get("schema_version") == str(SCHEMA_VERSION):
+            try:
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check(1)")]
+            except sqlite3.DatabaseError as error:
+                raise store_error(path, error) from None
+            if problems != ["ok"]:
+                problem = " ".join(problems[0].replace("*** in database main ***", "").split())
+                raise store_error(path, sqlite3.DatabaseError(problem))
     finally:
         conn.close()
     if meta.get("format") != FORMAT:
@@ -340,6 +415,54 @@ def check_compatible(path: Path) -> None:
             f"{SCHEMA_VERSION}; it was left untouched. Use the fedbench version that wrote it, or "
             "another --store path for new runs"
         )
+
+
+def _no_tables(path: Path) -> bool:
+    """Whether ``path`` is an SQLite database without a single table: what a process killed while it
+    created a store leaves behind (the file header is written before the schema's transaction)."""
+    try:
+        conn = _connect(path, readonly=True)
+    except sqlite3.Error:
+        return False
+    try:
+        return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
+def _damaged(error: BaseException) -> bool:
+    text = str(error)
+    return "malformed" in text or "btreeInitPage" in text or "invalid page" in text or "corrupt" in text
+
+
+def store_error(path: Path, error: sqlite3.Error) -> FedbenchError:
+    """One message for an SQLite error on the store at ``path``: what happened and what to do. The
+    store is never repaired or rewritten; what was committed before is kept."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    lowered = text.lower()
+    if _damaged(error):
+        return FedbenchError(
+            f"result store {path} is damaged ({text}); it was left as it is. Restore it from a backup (sqlite3's "
+            "'.recover' can save what is readable), or use another --store path"
+        )
+    if "full" in lowered:
+        return FedbenchError(
+            f"cannot write result store {path}: {text}; nothing stored before was lost. Free some space and "
+            "run the same command again to resume"
+        )
+    if "readonly" in lowered or "read-only" in lowered:
+        return FedbenchError(
+            f"cannot write result store {path}: {text}; check that you may write the file and its folder, "
+            "or use another --store path"
+        )
+    if "unable to open" in lowered or "permission" in lowered:
+        return FedbenchError(
+            f"cannot open result store {path}: {text}; check that you may read and write the file and its "
+            "folder, or use another --store path"
+        )
+    return FedbenchError(f"result store {path}: {type(error).__name__}: {text}")
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -378,7 +501,12 @@ def lock(path: str | os.PathLike, holder: str = "fedbench matrix") -> Iterator[N
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
-            raise FedbenchError(f"cannot use result store {path}: cannot create {lock_path} ({error.strerror})") from None
+            advice = ("its folder does not exist" if isinstance(error, FileNotFoundError)
+                      else "check that you may write its folder")
+            raise FedbenchError(
+                f"cannot use result store {path}: cannot create {lock_path} ({error.strerror}); {advice}, "
+                "or use another --store path"
+            ) from None
         if not _try_lock(fd):
             try:
                 os.lseek(fd, 0, os.SEEK_SET)
