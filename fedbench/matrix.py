@@ -132,16 +132,31 @@ def split_list(text: str | Sequence[str] | None) -> list[str]:
     return items
 
 
+#: More seeds than this in one grid is a typo (``0-10000000``), refused before any list is built.
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
-    """``"0,1,2"``, ``"0-4"`` (inclusive) or a list of ints -> seeds in order, without repeats."""
+    """``"0,1,2"``, ``"0-4"`` (inclusive) or a list of ints -> seeds in order, without repeats.
+
+    A range that runs backwards (``5-2``) or holds more than :data:`MAX_SEEDS` seeds is an error
+    naming it, never an empty or enormous list."""
     if isinstance(text, int):
         return [text]
     parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else map(str, text)) if p.strip()]
     seeds: list[int] = []
     for part in parts:
         span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if span:
+            lo, hi = int(span[1]), int(span[2])
+            if hi < lo:
+                raise SpecError(f"seeds: range {part!r} runs backwards; write it low-high, e.g. {hi}-{lo}")
+            if hi - lo + 1 + len(seeds) > MAX_SEEDS:
+                raise SpecError(f"seeds: range {part!r} makes more than {MAX_SEEDS:,} seeds; is it a typo?")
+            seeds.extend(range(lo, hi + 1))
+            continue
         try:
-            seeds.extend(range(int(span[1]), int(span[2]) + 1) if span else [int(part)])
+            seeds.append(int(part))
         except ValueError:
             raise SpecError(f"seeds: expected integers like 0,1,2 or a range like 0-4, got {part!r}") from None
     if not seeds:
@@ -165,6 +180,10 @@ def expand(
     Cells that resolve to the same spec (``wbc`` and ``wbc:s=0.4``) appear once. Unknown names raise
     a :class:`SpecError` listing the known ones before any cell is built."""
     attacks, defenses = list(attacks), list(defenses)
+    if not list(datasets):
+        raise SpecError("matrix: name at least one dataset (--dataset), e.g. digits")
+    if not list(partitions):
+        raise SpecError("matrix: name at least one partition (--partition), e.g. iid")
     if not attacks:
         raise SpecError("matrix: name at least one attack (--attacks), e.g. poison")
     if not defenses:
