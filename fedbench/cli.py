@@ -405,6 +405,74 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
         mx.require_warm_start()
     if jobs is not None and jobs < 1:
         raise FedbenchError(f"--jobs {jobs} is not allowed; need at least 1")
+    _run_grid(cells, store_path, jobs=jobs, executor=executor, ray_address=ray_address, retry_failed=retry_failed,
+              force=force, csv_path=csv_path, dry_run=dry_run, quiet=quiet, data_dir=opts["data_dir"],
+              device=opts["device"], trainer=opts["trainer"])
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--list", "list_presets", is_flag=True, help="List the paper's experiments: grid, claim and cost estimate.")
+@click.option("--describe", is_flag=True, help="Show one preset in full (claim, notes, grids, rounds, seeds, cost).")
+@click.option("--quick", is_flag=True, help="The same stacks, shorter: a few-minute CPU version (see --describe).")
+@click.option("--rounds", type=int, default=None, help="Rounds per cell [default: the preset's].")
+@click.option("--seeds", default=None, help="Seeds, e.g. 0,1,2 or 0-4 [default: the preset's].")
+@click.option("--dataset", default=None, help="One of the preset's datasets [default: its first, fmnist].")
+@click.option("--protocol", "protocols", default=None,
+              help="paper, reference-code or both comma-separated [default: the preset's; --quick: paper].")
+@click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False),
+              help="The SQLite result store; finished cells in it are skipped (a preset resumes like any matrix).")
+@click.option("--jobs", type=int, default=None, help="Cells run at once [default: number of cores]; 1 = in this process.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where datasets live (default: $FEDBENCH_DATA_DIR, else ~/.cache/fedbench).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--trainer", type=click.Choice(["stacked", "loop"]), default="stacked", show_default=True)
+@click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed.")
+@click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
+@click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
+@click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
+def reproduce(name, list_presets, describe, quick, rounds, seeds, dataset, protocols, store_path, jobs, data_dir, device,
+              trainer, retry_failed, force, csv_path, dry_run, quiet) -> None:
+    """Run one of the FL-WBC paper's experiments (a preset grid shipped with fedbench) under both
+    protocols, into a result store, and print its leaderboards.
+
+    Presets: fig2, fig3, fig4, fig5, fig6, table1 (fedbench reproduce --list). Each is a grid file of
+    the package (fedbench/presets/NAME.toml); plots and reports come from the store
+    (fedbench plot, fedbench report)."""
+    from fedbench import presets
+
+    if list_presets:
+        for preset in presets.list_presets():
+            click.echo(preset.summary())
+        return
+    if name is None:
+        raise FedbenchError(f"name a preset ({', '.join(presets.names())}) or give --list")
+    preset = presets.load(name)
+    if describe:
+        click.echo(preset.describe())
+        return
+    if jobs is not None and jobs < 1:
+        raise FedbenchError(f"--jobs {jobs} is not allowed; need at least 1")
+    cells = preset.cells(quick=quick, rounds=rounds, seeds=seeds, dataset=dataset, protocols=protocols)
+    if not quiet and not dry_run:
+        click.echo(f"{preset.name}: {preset.estimate(device=device, cells=cells)}", err=True)
+    _run_grid(cells, store_path, jobs=jobs, executor="process", ray_address=None, retry_failed=retry_failed,
+              force=force, csv_path=csv_path, dry_run=dry_run, quiet=quiet, data_dir=data_dir, device=device,
+              trainer=trainer)
+
+
+def _run_grid(cells, store_path, *, jobs, executor, ray_address, retry_failed, force, csv_path, dry_run, quiet,
+              data_dir, device, trainer) -> None:
+    """Run (or list, with ``dry_run``) a grid of cells into a store and print its leaderboards: the
+    part of ``matrix`` that ``reproduce`` shares. Exit 1 when a cell did not finish, 130/143 on Ctrl-C
+    or SIGTERM."""
+    from pathlib import Path
+
+    from fedbench import leaderboard as lb
+    from fedbench import matrix as mx
+    from fedbench import store as st
+
     out, err = _console(min_width=120), _console(stderr=True)
 
     if dry_run:
@@ -424,11 +492,11 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
         with st.Store.read(store_path) as store:
             todo = mx.plan(cells, store, retry_failed=retry_failed)
     if not (executor == "ray" and ray_address):
-        mx.check_data(todo, opts["data_dir"])
+        mx.check_data(todo, data_dir)
         if todo:
             from fedbench.engine import resolve_device
 
-            resolve_device(opts["device"])
+            resolve_device(device)
 
     if quiet:
         progress = mx.Progress()
@@ -439,7 +507,7 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
     with st.lock(store_path), st.Store.open(store_path) as store:
         try:
             report = mx.run_matrix(cells, store, jobs=jobs, executor=executor, ray_address=ray_address,
-                                   data_dir=opts["data_dir"], device=opts["device"], trainer=opts["trainer"],
+                                   data_dir=data_dir, device=device, trainer=trainer,
                                    retry_failed=retry_failed, force=force, progress=progress)
         except KeyboardInterrupt as interrupt:
             done = sum(1 for s in store.statuses(mc.key for mc in cells).values() if s in st.FINISHED)
