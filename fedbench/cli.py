@@ -74,7 +74,7 @@ def list_cmd(kind: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from fedbench.plugins import registry
+    from fedbench.plugins import broken_plugins, registry
     from fedbench.spec import format_value
 
     if kind is not None and kind.lower() not in KIND_ALIASES:
@@ -100,6 +100,15 @@ def list_cmd(kind: str | None) -> None:
                     extra += "; scenario: " + ", ".join(f"{a}={b}" for a, b in entry.cls.scenario_defaults.items())
                 desc += extra + "]"
             table.add_row(escape(name), escape(params), escape(desc), escape(entry.origin))
+        console.print(table)
+    broken = broken_plugins()
+    if broken:
+        table = Table(title="Broken plugins (not loaded; every other plugin works)", title_justify="left")
+        table.add_column("plugin", style="bold red")
+        table.add_column("error")
+        table.add_column("origin", style="dim")
+        for name, (origin, why) in broken.items():
+            table.add_row(escape(name), escape(why), escape(origin))
         console.print(table)
 
 

@@ -39,6 +39,9 @@ _PLURAL = {
 }
 
 _manager: pluggy.PluginManager | None = None
+#: plugins that failed to import or to register: name -> (origin, one-line error). Every other plugin
+#: keeps working; ``fedbench list`` shows these, and an unknown name's error mentions them.
+_broken: dict[str, tuple[str, str]] = {}
 _ORIGINS: dict[str, str] = {"fedbench": "fedbench (core)"}
 _registry: "Registry | None" = None
 _extra: list[tuple[Any, str]] = []
@@ -100,6 +103,8 @@ def unknown_message(kind: str, name: str, known: list[str], kinds: tuple[str, ..
     """``unknown attack 'x'; known attacks: ...``, plus, when ``FEDBENCH_PLUGINS`` restricts loading,
     which left-out plugin registers the name (``kinds``: where to look, default ``(kind,)``)."""
     text = f"unknown {kind} '{name}'; known {_PLURAL[kind]}: {', '.join(known) or '(none loaded)'}"
+    if _broken:
+        text += "; plugins that failed to load: " + "; ".join(f"{n} ({why})" for n, (_, why) in sorted(_broken.items()))
     return text + _left_out_hint(name, kinds or (kind,))
 
 
@@ -168,7 +173,12 @@ def get_manager() -> pluggy.PluginManager:
                 continue
             if pm.get_plugin(ep.name) is not None:
                 continue
-            pm.register(ep.load(), name=ep.name)
+            try:
+                plugin = ep.load()
+            except Exception as error:  # noqa: BLE001 - a plugin that cannot be imported must not take the rest down
+                _broken[ep.name] = (_dist_label(ep), f"cannot be imported: {_one_line(error)}")
+                continue
+            pm.register(plugin, name=ep.name)
             _ORIGINS[ep.name] = _dist_label(ep)
         for plugin, name in _extra:
             if pm.is_registered(plugin):  # e.g. a notebook registering a module its entry point loaded
@@ -213,6 +223,7 @@ def reset() -> None:
     global _manager, _registry
     _manager = None
     _registry = None
+    _broken.clear()
 
 
 def registry() -> Registry:
@@ -221,12 +232,36 @@ def registry() -> Registry:
     if _registry is None:
         pm = get_manager()
         reg = Registry()
+        # Each plugin's register hooks run first into a list: a plugin whose hook raises is left out
+        # whole (marked broken), so it never stands half-registered beside the others.
+        pending: dict[str, list[tuple[str, type]]] = {}
         for kind, hook_name in _HOOK_FOR_KIND.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                origin = _ORIGINS.get(impl.plugin_name, impl.plugin_name)
-                impl.function(register=lambda cls, kind=kind, origin=origin: reg.add(kind, cls, origin))
+                name = impl.plugin_name
+                if name in _broken:
+                    continue
+                found = pending.setdefault(name, [])
+                try:
+                    impl.function(register=lambda cls, kind=kind, found=found: found.append((kind, cls)))
+                except Exception as error:  # noqa: BLE001 - a broken plugin must not take the rest down
+                    _broken[name] = (_ORIGINS.get(name, name), f"raised while registering {_PLURAL[kind]}: {_one_line(error)}")
+                    pending.pop(name, None)
+        for name, found in pending.items():
+            for kind, cls in found:
+                reg.add(kind, cls, _ORIGINS.get(name, name))
         _registry = reg
     return _registry
+
+
+def broken_plugins() -> dict[str, tuple[str, str]]:
+    """Plugins that failed to import or to register: name -> (origin, one-line error)."""
+    registry()
+    return dict(sorted(_broken.items()))
+
+
+def _one_line(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}".rstrip(": ")
 
 
 def plugin_versions() -> dict[str, str]:

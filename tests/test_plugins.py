@@ -266,3 +266,42 @@ def test_registering_a_module_its_entry_point_already_loaded_is_harmless(use_plu
 
     use_plugin(robust, "my-robust")
     assert "cma" in fedbench.registry().names("aggregator")
+
+
+def test_a_plugin_that_cannot_be_imported_is_listed_as_broken_and_the_others_keep_working(monkeypatch):
+    real = fedbench.plugins._entry_points()
+    ghost = metadata.EntryPoint(name="ghost", value="fedbench_no_such_module_anywhere", group="fedbench")
+    monkeypatch.setattr(fedbench.plugins, "_entry_points", lambda: [*real, ghost])
+    fedbench.plugins.reset()
+    assert "poison" in registry().names("attack")  # every other plugin loads
+    origin, why = fedbench.plugins.broken_plugins()["ghost"]
+    assert why == "cannot be imported: ModuleNotFoundError: No module named 'fedbench_no_such_module_anywhere'"
+    listed = CliRunner().invoke(main, ["list", "attacks"])
+    assert listed.exit_code == 0 and "Broken plugins" in listed.output and "ghost" in listed.output
+    with pytest.raises(UnknownComponentError, match=r"plugins that failed to load: ghost \(cannot be imported"):
+        parse_component("attack", "ghostly")
+
+
+def test_a_plugin_that_raises_while_registering_is_left_out_whole(use_plugin):
+    @dataclass(kw_only=True)
+    class HalfAttack(fedbench.Attack):
+        """Registered by a plugin whose next hook raises."""
+
+        name: ClassVar[str] = "half-attack"
+
+    class Half:
+        @fedbench.hookimpl
+        def register_attacks(self, register):
+            register(HalfAttack)
+
+        @fedbench.hookimpl
+        def register_aggregators(self, register):
+            raise RuntimeError("boom while registering")
+
+    use_plugin(Half(), "half")
+    reg = registry()
+    assert "half-attack" not in reg.names("attack") and "cma" in reg.names("aggregator")
+    assert fedbench.plugins.broken_plugins()["half"] == (
+        "half (registered directly)", "raised while registering aggregators: RuntimeError: boom while registering")
+    result = run_cell(make_cell(dataset="digits", attack="poison", rounds=2, attack_rounds=(2,)))
+    assert result.status == "ok"  # cells that do not need the broken plugin run as before
