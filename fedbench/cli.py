@@ -70,7 +70,6 @@ def list_cmd(kind: str | None) -> None:
 
     'defenses' shows client defenses, pre-aggregators and aggregators, each with its stage, since all
     three go into a defense stack."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -397,11 +396,8 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
 
     --dataset and --partition also take comma-separated lists (one leaderboard each)."""
     import importlib.util
-    from pathlib import Path
 
-    from fedbench import leaderboard as lb
     from fedbench import matrix as mx
-    from fedbench import store as st
 
     kw = cell_kwargs(opts)
     datasets, partitions = mx.split_list(kw.pop("dataset")), mx.split_list(kw.pop("partition"))

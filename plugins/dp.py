@@ -16,8 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 import fedbench
 from fedbench.components import NON_NEGATIVE, POSITIVE
 from fedbench.rng import laplace

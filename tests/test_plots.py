@@ -12,7 +12,7 @@ from fedbench import leaderboard as lb
 from fedbench import plots
 from fedbench.cli import main
 from fedbench.store import Store
-from test_leaderboard import put
+from result_stores import fill_two_seeds, put
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -30,14 +30,7 @@ def real_store(tmp_path_factory):
 
 @pytest.fixture
 def censored_store(tmp_path):
-    path = tmp_path / "runs.db"
-    with Store.open(path) as store:
-        for seed, shift in ((0, 0.0), (1, 0.1)):
-            put(store, "none", "fedavg", seed, 0.90 - shift)
-            put(store, "none", "wbc", seed, 0.88 - shift)
-            put(store, "poison", "fedavg", seed, 0.70 - shift, success=[0.1, 0.9, 0.8, 0.7], mitigation=[(2, True)])
-            put(store, "poison", "wbc", seed, 0.80 - shift, success=[0.1, 0.8, 0.2, 0.2], mitigation=[(1, False)])
-    return path
+    return fill_two_seeds(tmp_path / "runs.db")
 
 
 def lines(ax, gid):

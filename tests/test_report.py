@@ -16,7 +16,7 @@ import fedbench
 from fedbench.cli import main
 from fedbench.report import FIGURES
 from fedbench.store import Store
-from test_leaderboard import Sneaky, SneakyPlugin, put
+from result_stores import Sneaky, SneakyPlugin, put
 
 PNG = b"\x89PNG\r\n\x1a\n"
 VOID = {"meta", "img", "br", "hr", "link", "input", "col", "wbr"}

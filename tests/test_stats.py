@@ -15,7 +15,7 @@ from fedbench import leaderboard as lb
 from fedbench.cli import main
 from fedbench.stats import paired_difference, t_interval
 from fedbench.store import Store
-from test_leaderboard import put
+from result_stores import fill_two_seeds, put
 
 T_975_DF1 = 12.706204736174705  # Student t quantiles, from a table
 T_975_DF2 = 4.302652729749464
@@ -24,14 +24,7 @@ T_975_DF2 = 4.302652729749464
 @pytest.fixture
 def store_path(tmp_path):
     """Two seeds of poison against fedavg and wbc (the numbers of test_leaderboard's store)."""
-    path = tmp_path / "runs.db"
-    with Store.open(path) as store:
-        for seed, shift in ((0, 0.0), (1, 0.1)):
-            put(store, "none", "fedavg", seed, 0.90 - shift)
-            put(store, "none", "wbc", seed, 0.88 - shift)
-            put(store, "poison", "fedavg", seed, 0.70 - shift, success=[0.1, 0.9, 0.8, 0.7], mitigation=[(2, True)])
-            put(store, "poison", "wbc", seed, 0.80 - shift, success=[0.1, 0.8, 0.2, 0.2], mitigation=[(1, False)])
-    return path
+    return fill_two_seeds(tmp_path / "runs.db")
 
 
 def test_t_interval_of_three_known_values_is_mean_plus_minus_t_times_standard_error():
