@@ -39,7 +39,8 @@ FIND_EXAMPLE = ("import importlib.metadata as m\n"
 
 
 def system_sees_example() -> str:
-    return subprocess.run([sys.executable, "-c", FIND_EXAMPLE], capture_output=True, text=True, check=True).stdout
+    return subprocess.run([sys.executable, "-c", FIND_EXAMPLE], capture_output=True, text=True, check=True,
+                          timeout=120).stdout
 
 
 def example_version() -> str:
@@ -77,7 +78,7 @@ def example_env(tmp_path_factory) -> ExampleEnv:
     # would shadow the system's and cannot build a wheel without the 'wheel' package; the system's
     # pip and setuptools, visible through --system-site-packages, install into the venv all the same.
     made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     if made.returncode != 0:
         pytest.skip(f"cannot create a virtual environment with {sys.executable}: {made.stderr.strip()}")
     python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"

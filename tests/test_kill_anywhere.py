@@ -39,7 +39,7 @@ N_CELLS = 9  # (2 attacks + none) x (2 defenses + fedavg)
 
 # The zygote: reads one JSON request per line, forks a child per "run" and reaps it on "wait".
 ZYGOTE = textwrap.dedent(r'''
-    import json, os, re, sys, time
+    import json, os, re, signal, sys, time
     import torch, sklearn.datasets  # noqa: F401 - imported once, before any fork
     import fedbench, fedbench.engine, fedbench.matrix, fedbench.leaderboard, fedbench.plugins  # noqa: F401
     from fedbench import store as st
@@ -48,6 +48,11 @@ ZYGOTE = textwrap.dedent(r'''
     fedbench.plugins.get_manager()
 
     def child(request):
+        # What a user's terminal gives: Ctrl-C raises KeyboardInterrupt, SIGTERM has its default
+        # action. A test runner started in the background (a CI job, nohup) hands its children SIGINT
+        # ignored, and Python then keeps it ignored -- the SIGINT kills would never land.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -167,6 +172,14 @@ ZYGOTE = textwrap.dedent(r'''
 ''')
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process (a child of the zygote, so not ours to wait for) still runs: not gone, not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 class Zygote:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -200,6 +213,11 @@ class Zygote:
                 os.kill(pid, signals[reached - 1])
                 continue
             assert time.monotonic() < deadline, f"run {self.runs} neither parked nor finished:\n{log.read_text()}"
+            time.sleep(0.01)
+        while _alive(pid) and not done.exists():  # a signal that did not end it must not hang the suite
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail(f"run {self.runs} did not end after {reached} signal(s):\n{log.read_text()}")
             time.sleep(0.01)
         code = self._ask({"cmd": "wait", "pid": pid})["code"]
         self.children.discard(pid)
