@@ -220,14 +220,16 @@ def run(attack, defense, seed, store_path, as_json, quiet, plot_path, **opts) ->
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    if plot_path is not None:
-        _plot_run(result, plot_path)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _summary(result, out)
+        if store_path is not None:
+            out.print(f"recorded as cell {cell.hash()} in {store_path}", markup=False, highlight=False)
+    if plot_path is not None:  # after the results are out: a plot that fails must not hide a long run's numbers
+        _plot_run(result, plot_path)
+    if as_json:
         sys.exit(0 if result.status == "ok" else 1)
-    _summary(result, out)
-    if store_path is not None:
-        out.print(f"recorded as cell {cell.hash()} in {store_path}", markup=False, highlight=False)
     if result.status != "ok":
         out.print(f"[red]{escape(result.status)}: {escape(result.message)}[/]")
         sys.exit(1)

@@ -179,10 +179,10 @@ def expand(
     For each dataset, partition and seed: (``attacks`` + ``none``) x (``defenses`` + ``fedavg``).
     Cells that resolve to the same spec (``wbc`` and ``wbc:s=0.4``) appear once. Unknown names raise
     a :class:`SpecError` listing the known ones before any cell is built."""
-    attacks, defenses = list(attacks), list(defenses)
-    if not list(datasets):
+    attacks, defenses, datasets, partitions = list(attacks), list(defenses), list(datasets), list(partitions)
+    if not datasets:
         raise SpecError("matrix: name at least one dataset (--dataset), e.g. digits")
-    if not list(partitions):
+    if not partitions:
         raise SpecError("matrix: name at least one partition (--partition), e.g. iid")
     if not attacks:
         raise SpecError("matrix: name at least one attack (--attacks), e.g. poison")

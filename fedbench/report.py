@@ -97,13 +97,16 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike) -> t
         sections.append(section)
 
     versions = _versions(provenance)
-    for section in sections:
-        for fig in section.figures:
-            if fig.png is not None:
-                (out / fig.name).write_bytes(fig.png)
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(_html(store_path, sections, versions), encoding="utf-8")
-    md_path.write_text(_markdown(store_path, sections, versions), encoding="utf-8")
+    try:
+        for section in sections:
+            for fig in section.figures:
+                if fig.png is not None:
+                    (out / fig.name).write_bytes(fig.png)
+        html_path.write_text(_html(store_path, sections, versions), encoding="utf-8")
+        md_path.write_text(_markdown(store_path, sections, versions), encoding="utf-8")
+    except OSError as error:  # a full disk, a read-only folder, report.html being a folder
+        raise FedbenchError(f"cannot write the report into {out}: {error.strerror or error}") from None
     return html_path, md_path
 
 

@@ -38,6 +38,7 @@ import math
 import os
 import sqlite3
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,7 +467,9 @@ def store_error(path: Path, error: sqlite3.Error) -> FedbenchError:
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    uri = f"file:{path.resolve().as_posix()}?mode={'ro' if readonly else 'rwc'}"
+    # The path is percent-quoted: in a URI '#', '?' and '%' would otherwise cut or change the file name
+    # (runs#1.db opened 'runs', and read-only opens lost their ?mode=ro).
+    uri = f"file:{urllib.parse.quote(path.resolve().as_posix(), safe='/')}?mode={'ro' if readonly else 'rwc'}"
     conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level="DEFERRED")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
@@ -496,7 +499,7 @@ def lock(path: str | os.PathLike, holder: str = "fedbench matrix") -> Iterator[N
     opened the file before the unlink may then win the lock on an inode no path names any more, so
     every acquirer checks, once it holds the lock, that the path still refers to the very file it
     locked, and starts over if not: two processes never both believe they hold the store."""
-    lock_path = Path(f"{path}.lock")
+    lock_path = Path(f"{Path(path).resolve()}.lock")  # the file the store opens: a symlink gets the same lock
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

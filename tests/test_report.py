@@ -125,3 +125,14 @@ def test_report_of_a_missing_store_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["report", "--store", str(tmp_path / "none.db"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no result store" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_report_that_cannot_be_written_is_one_clean_error(tmp_path):
+    from result_stores import fill_two_seeds
+
+    store = fill_two_seeds(tmp_path / "runs.db")
+    out = tmp_path / "report"
+    (out / "report.html").mkdir(parents=True)  # the file's place is taken by a folder
+    result = CliRunner().invoke(main, ["report", "--store", str(store), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "cannot write the report into" in result.output and "Traceback" not in result.output

@@ -210,3 +210,23 @@ def test_a_store_in_a_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FedbenchError, match="cannot use result store .*nowhere"):
         with lock(tmp_path / "nowhere" / "runs.db"):
             pass
+
+
+@pytest.mark.parametrize("name", ["runs#1.db", "a%20b.db", "what?.db"])
+def test_a_store_path_with_uri_characters_opens_exactly_that_file(tmp_path, name):
+    path, mc = tmp_path / name, _cell()
+    with Store.open(path) as store:
+        store.start(mc.key, mc.cell.to_dict(), 0, mc.info())
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [name]
+    with Store.read(path) as store:
+        assert store.statuses() == {mc.key: "running"}
+
+
+def test_a_symlink_to_a_store_shares_its_lock(tmp_path):
+    real = tmp_path / "b.db"
+    link = tmp_path / "a.db"
+    link.symlink_to(real)
+    with lock(real):
+        with pytest.raises(FedbenchError, match="is in use"):
+            with lock(link):
+                pass
