@@ -101,9 +101,10 @@ def _torchvision_splits(dataset_cls, name: str, root: Path, source: str, layout:
     try:
         return dataset_cls(str(root), train=True, download=False), dataset_cls(str(root), train=False, download=False)
     except (RuntimeError, ValueError, OSError) as error:
+        folder = root / layout.split(" ")[0]  # the torchvision layout (the first one named)
         if "not found" not in str(error).lower():  # the files are there but cannot be read: never re-download
             raise DataError(
-                f"{name}: the files under {root / layout} are damaged ({_damage(root / layout)}); delete them to "
+                f"{name}: the files under {folder} are damaged ({_damage(folder)}); delete them to "
                 "download them again, or copy intact ones there"
             ) from error
     staging = Path(tempfile.mkdtemp(prefix=f"fedbench-{name}-"))
@@ -119,7 +120,7 @@ def _torchvision_splits(dataset_cls, name: str, root: Path, source: str, layout:
                 f"FEDBENCH_DATA_DIR to the folder that holds {layout}, or connect to the network"
             ) from error
         try:
-            shutil.copytree(staging, root, dirs_exist_ok=True)
+            _move_in(staging, root)
         except OSError as error:
             raise DataError(f"{name}: downloaded, but cannot write it under {root} ({error.strerror or error})") from error
     finally:
@@ -128,6 +129,20 @@ def _torchvision_splits(dataset_cls, name: str, root: Path, source: str, layout:
         return dataset_cls(str(root), train=True, download=False), dataset_cls(str(root), train=False, download=False)
     except RuntimeError as error:
         raise DataError(f"{name}: downloaded into {root}, but the files cannot be read ({error})") from error
+
+
+def _move_in(staging: Path, root: Path) -> None:
+    """Copy a finished download under ``root`` file by file, each to a temporary name beside its
+    destination and then renamed (atomic on one file system), so a kill or a concurrent reader never
+    sees a half-copied file."""
+    import shutil
+
+    for src in sorted(p for p in staging.rglob("*") if p.is_file()):
+        dest = root / src.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        shutil.copyfile(src, partial)
+        os.replace(partial, dest)
 
 
 def _damage(folder: Path) -> str:
