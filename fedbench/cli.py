@@ -216,7 +216,7 @@ def run(attack, defense, seed, store_path, as_json, quiet, plot_path, **opts) ->
                             on_round=on_round)
 
     try:
-        result = run_it() if store_path is None else _run_into_store(cell, store_path, opts["data_dir"], run_it)
+        result = run_it() if store_path is None else _run_into_store(cell, store_path, opts["data_dir"], opts["device"], run_it)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -245,15 +245,15 @@ def _plot_run(result, path: str) -> None:
     click.echo(f"{metric} per round plotted to {path}", err=True)
 
 
-def _run_into_store(cell, store_path: str, data_dir: str | None, run_it):
+def _run_into_store(cell, store_path: str, data_dir: str | None, device: str, run_it):
     """Run a cell and record it in a result store exactly as the matrix records its cells (same key,
-    labels, outcome and lock), so the leaderboard, export and load_results read it. The data is
-    loaded before the store is touched: missing data is an error, not a recorded failure."""
+    labels, outcome and lock), so the leaderboard, export and load_results read it. The data and the
+    device are checked before the store is touched: missing ones are an error, not a recorded failure."""
     from fedbench import matrix as mx
     from fedbench import store as st
 
     mc = mx.MatrixCell(cell)
-    mx.check_data([mc], data_dir)
+    mx.check_environment([mc], data_dir, device)
     with st.lock(store_path, "fedbench run"), st.Store.open(store_path) as store:
         store.mark_stale_running()
         store.start(mc.key, cell.to_dict(), 0, mc.info())
@@ -498,12 +498,7 @@ def _run_grid(cells, store_path, *, jobs, executor, ray_address, retry_failed, f
     if not force and Path(store_path).is_file() and Path(store_path).stat().st_size:
         with st.Store.read(store_path) as store:
             todo = mx.plan(cells, store, retry_failed=retry_failed)
-    if not (executor == "ray" and ray_address):
-        mx.check_data(todo, data_dir)
-        if todo:
-            from fedbench.engine import resolve_device
-
-            resolve_device(device)
+    mx.check_environment(todo, data_dir, device, on_cluster=executor == "ray" and bool(ray_address))
 
     if quiet:
         progress = mx.Progress()

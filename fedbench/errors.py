@@ -21,3 +21,10 @@ class UnknownComponentError(SpecError):
 
 class DataError(FedbenchError):
     """A dataset that cannot be found, loaded or partitioned as asked."""
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``: how fedbench reports an exception it did not raise itself
+    (a plugin's, a dataset loader's) in a store record, a listing or an error message."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}".rstrip(": ")

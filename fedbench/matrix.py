@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
-from fedbench.errors import DataError, FedbenchError, SpecError
+from fedbench.errors import DataError, FedbenchError, SpecError, one_line
 from fedbench.spec import CellSpec, make_cell, parse_component, parse_defense
 from fedbench.store import FINISHED, Store
 
@@ -302,8 +302,7 @@ def outcome_of(result) -> dict[str, Any]:
 def failure_of(error: BaseException, *, environment: bool = False) -> dict[str, Any]:
     """The outcome of a run that raised ``error``: ``failed`` with its first line and traceback, or
     ``interrupted`` when the ``environment`` (not the cell) is to blame, so that a re-run retries it."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    message = f"{type(error).__name__}: {first}".rstrip(": ")
+    message = one_line(error)
     if environment:
         message += " (not the cell's fault: the next run retries it)"
     return {"status": "interrupted" if environment else "failed", "message": message,
@@ -328,8 +327,19 @@ def check_data(cells: Iterable[MatrixCell], data_dir: str | None = None) -> None
         except FedbenchError:
             raise
         except Exception as error:  # noqa: BLE001 - a broken dataset is one clear message, not a traceback
-            first = (str(error).strip().splitlines() or [""])[0]
-            raise DataError(f"dataset {spec} cannot be loaded: {type(error).__name__}: {first}".rstrip(": ")) from error
+            raise DataError(f"dataset {spec} cannot be loaded: {one_line(error)}") from error
+
+
+def check_environment(cells: Sequence[MatrixCell], data_dir: str | None, device: str, *, on_cluster: bool = False) -> None:
+    """What every cell to run needs from this machine, checked once before any runs: each dataset
+    loads (:func:`check_data`) and the device exists. Skipped ``on_cluster`` (``--ray-address``): there
+    the data and devices are the nodes'."""
+    if on_cluster or not cells:
+        return
+    check_data(cells, data_dir)
+    from fedbench.engine import resolve_device
+
+    resolve_device(device)
 
 
 def _init_worker(queue, threads: int | None, plugins: Sequence[tuple[str, str, Any]]) -> None:
@@ -680,12 +690,7 @@ def run_matrix(
     common = {"data_dir": data_dir, "device": device, "trainer": trainer}
     if any(mc.warmup_rounds for mc in todo):
         require_warm_start()
-    if not (executor == "ray" and ray_address):  # on a cluster, data and devices are the nodes'
-        check_data(todo, data_dir)
-        if todo:
-            from fedbench.engine import resolve_device
-
-            resolve_device(device)
+    check_environment(todo, data_dir, device, on_cluster=executor == "ray" and bool(ray_address))
 
     warmups: dict[str, Task] = {}
     for mc in todo:

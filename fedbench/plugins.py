@@ -16,7 +16,7 @@ import pluggy
 
 from fedbench import hookspecs
 from fedbench.components import BASES, STACK_KINDS, Component
-from fedbench.errors import FedbenchError, UnknownComponentError
+from fedbench.errors import FedbenchError, UnknownComponentError, one_line
 
 ENTRY_POINT_GROUP = "fedbench"
 _HOOK_FOR_KIND = {
@@ -176,7 +176,7 @@ def get_manager() -> pluggy.PluginManager:
             try:
                 plugin = ep.load()
             except Exception as error:  # noqa: BLE001 - a plugin that cannot be imported must not take the rest down
-                _broken[ep.name] = (_dist_label(ep), f"cannot be imported: {_one_line(error)}")
+                _broken[ep.name] = (_dist_label(ep), f"cannot be imported: {one_line(error)}")
                 continue
             pm.register(plugin, name=ep.name)
             _ORIGINS[ep.name] = _dist_label(ep)
@@ -244,7 +244,7 @@ def registry() -> Registry:
                 try:
                     impl.function(register=lambda cls, kind=kind, found=found: found.append((kind, cls)))
                 except Exception as error:  # noqa: BLE001 - a broken plugin must not take the rest down
-                    _broken[name] = (_ORIGINS.get(name, name), f"raised while registering {_PLURAL[kind]}: {_one_line(error)}")
+                    _broken[name] = (_ORIGINS.get(name, name), f"raised while registering {_PLURAL[kind]}: {one_line(error)}")
                     pending.pop(name, None)
         for name, found in pending.items():
             for kind, cls in found:
@@ -257,11 +257,6 @@ def broken_plugins() -> dict[str, tuple[str, str]]:
     """Plugins that failed to import or to register: name -> (origin, one-line error)."""
     registry()
     return dict(sorted(_broken.items()))
-
-
-def _one_line(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}".rstrip(": ")
 
 
 def plugin_versions() -> dict[str, str]:

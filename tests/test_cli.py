@@ -414,3 +414,12 @@ def test_run_summary_says_na_for_an_attack_without_a_success_metric(toy_plugin):
     assert result.exit_code == 0, result.output
     assert "n/a (the attack reports no success metric)" in result.output
     assert "peak success" not in result.output
+
+
+def test_run_store_without_the_gpu_it_asks_for_stores_nothing(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    store = tmp_path / "r.db"
+    assert_clean_usage_error(invoke("run", "--device", "cuda", "--rounds", "1", "--store", str(store)), "no CUDA GPU")
+    assert not store.exists()
