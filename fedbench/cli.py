@@ -249,6 +249,7 @@ def _run_into_store(cell, store_path: str, data_dir: str | None, device: str, ru
     """Run a cell and record it in a result store exactly as the matrix records its cells (same key,
     labels, outcome and lock), so the leaderboard, export and load_results read it. The data and the
     device are checked before the store is touched: missing ones are an error, not a recorded failure."""
+    from fedbench import executors
     from fedbench import matrix as mx
     from fedbench import store as st
 
@@ -265,10 +266,10 @@ def _run_into_store(cell, store_path: str, data_dir: str | None, device: str, ru
         except Exception as error:  # recorded, then reported as usual (exit 2 or a traceback)
             # A FedbenchError is the user's to fix (--device cuda without a GPU, say): the record must
             # not stick, so it is 'interrupted'; anything else is the cell's own failure.
-            outcome = mx.failure_of(error, environment=isinstance(error, FedbenchError))
-            store.finish(mc.key, {**outcome, "versions": mx.versions(), "worker": mx.worker_id()})
+            outcome = executors.failure_of(error, environment=isinstance(error, FedbenchError))
+            store.finish(mc.key, {**outcome, "versions": executors.versions(), "worker": executors.worker_id()})
             raise
-        store.finish(mc.key, {**mx.outcome_of(result), "versions": mx.versions(), "worker": mx.worker_id()})
+        store.finish(mc.key, {**executors.outcome_of(result), "versions": executors.versions(), "worker": executors.worker_id()})
     return result
 
 

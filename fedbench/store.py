@@ -260,7 +260,7 @@ class Store:
 
     @_guarded
     def finish(self, key: str, outcome: Mapping[str, Any]) -> None:
-        """Record a worker's outcome (see :func:`fedbench.matrix.execute`) and its per-round metrics,
+        """Record a worker's outcome (see :func:`fedbench.executors.execute`) and its per-round metrics,
         replacing whatever an earlier attempt left, in one transaction."""
         status = outcome["status"]
         if status not in STATUSES:
