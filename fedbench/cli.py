@@ -186,18 +186,26 @@ def cell_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
                    "record of the same cell is replaced), for fedbench leaderboard, fedbench export and "
                    "fedbench.load_results.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON (and nothing else on stdout).")
+@click.option("--metrics", "extra_metrics", default="", metavar="NAMES",
+              help="Optional per-round measurements, comma-separated. aep: the attack's effect on the parameters "
+                   "(norm in adversarial rounds; curvature of the benign loss along it and the fraction each later round "
+                   "undoes; see fedbench/aep.py). Cost: one more training of the malicious clients and one more "
+                   "aggregation per adversarial round, one Hessian-vector product on 256 samples per round.")
 @click.option("--quiet", is_flag=True, help="No per-round lines or progress bar; the summary is still printed.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw this run's per-round curve to this file (.png, .svg or .pdf): the attack's success "
                    "metric with the 0.5 threshold, or the benign accuracy when the attack reports no success; "
                    "adversarial rounds marked.")
-def run(attack, defense, seed, store_path, as_json, quiet, plot_path, **opts) -> None:
+def run(attack, defense, seed, store_path, as_json, quiet, plot_path, extra_metrics, **opts) -> None:
     """Run one federated training run (a cell) and print its metrics."""
     from rich.markup import escape
 
+    from fedbench.aep import check_metrics
+    from fedbench.matrix import split_list
     from fedbench.spec import make_cell
 
     cell = make_cell(attack=attack, defense=defense, seed=seed, **cell_kwargs(opts))
+    extra = check_metrics(split_list(extra_metrics))
     if plot_path is not None:
         from fedbench.plots import check_image_path
 
@@ -213,7 +221,7 @@ def run(attack, defense, seed, store_path, as_json, quiet, plot_path, **opts) ->
     def run_it():
         with progress:
             return run_cell(cell, data_dir=opts["data_dir"], device=opts["device"], trainer=opts["trainer"],
-                            on_round=on_round)
+                            on_round=on_round, metrics=extra)
 
     try:
         result = run_it() if store_path is None else _run_into_store(cell, store_path, opts["data_dir"], opts["device"], run_it)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from fedbench import rng
+from fedbench.aep import AEPTracker, check_metrics, probe_indices
 from fedbench.components import AttackEnv, MaliciousRound, ServerContext
 from fedbench.data import load_dataset, take_fraction
 from fedbench.errors import FedbenchError
@@ -109,9 +110,14 @@ def run_cell(
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     initial_params: torch.Tensor | None = None,
     start_round: int = 1,
+    metrics: tuple[str, ...] = (),
 ) -> RunResult:
-    """Run one cell and return its metrics. Deterministic on CPU for a given cell and trainer."""
+    """Run one cell and return its metrics. Deterministic on CPU for a given cell and trainer.
+
+    ``metrics`` adds optional per-round measurements that do not change the run: ``aep`` (the
+    attack's effect on the parameters, :mod:`fedbench.aep`)."""
     started = time.perf_counter()
+    metrics = check_metrics(metrics)
     reg = registry()
     hook = get_manager().hook
     dev = resolve_device(device)
@@ -165,6 +171,11 @@ def run_cell(
         adversarial_set = set(schedule)
         series: list[dict[str, Any]] = []
         timings = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
+        tracker = None
+        if "aep" in metrics and attack.active:
+            benign_pool = torch.cat([parts[c] for c in range(n_mal, sc.num_clients)])
+            probe = probe_indices(benign_pool, rng.generator(seed, "aep")).to(dev)
+            tracker = AEPTracker(model.forward, train_x[probe], train_y[probe])
         status, message = "ok", ""
 
         for rnd in range(start_round, cell.rounds + 1):
@@ -212,8 +223,16 @@ def run_cell(
                         f"expected {(len(malicious_ids), model.num_params)}"
                     )
                 updates = torch.cat([malicious, benign_updates])
+            clean_step, aep_train, aep_eval = None, 0.0, 0.0
+            if tracker is not None and malicious_ids:  # before the real call: the oracle copies the server's state
+                t_aep = time.perf_counter()
+                honest = _malicious_trainer(train, global_flat, setup, seed, rnd, malicious_ids)(
+                    [(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids])
+                clean_step = _server_oracle(server, weights, ctx, seed, rnd)(torch.cat([honest, benign_updates]))
+                aep_train = time.perf_counter() - t_aep
             t1 = time.perf_counter()
-            global_flat = global_flat + server(updates, weights, ctx)
+            step = server(updates, weights, ctx)
+            global_flat = global_flat + step
             t2 = time.perf_counter()
 
             forward = model.forward(global_flat)
@@ -224,10 +243,16 @@ def run_cell(
                 row.update({k: float(v) for k, v in attack.metrics(forward).items()})
             if attack.untargeted and "success" not in row:
                 row["success"] = 1.0 - acc  # an untargeted attack's success is the benign error
+            if tracker is not None:
+                t_aep = time.perf_counter()
+                row.update(tracker.row(rnd, step, global_flat, clean_step))
+                aep_eval = time.perf_counter() - t_aep
             t3 = time.perf_counter()
-            timings["train"] += t1 - t0
+            timings["train"] += t1 - t0 - aep_train
             timings["aggregate"] += t2 - t1
-            timings["evaluate"] += t3 - t2
+            timings["evaluate"] += t3 - t2 - aep_eval
+            if tracker is not None:
+                timings["aep"] = timings.get("aep", 0.0) + aep_train + aep_eval
             series.append(row)
             hook.round_finished(cell=cell, round=rnd, metrics=dict(row))
             if on_round is not None:

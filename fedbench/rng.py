@@ -16,7 +16,7 @@ import math
 
 import torch
 
-STREAMS = ("partition", "schedule", "attack", "init", "train", "defense", "aggregate", "eval", "root")
+STREAMS = ("partition", "schedule", "attack", "init", "train", "defense", "aggregate", "eval", "root", "aep")
 
 
 def derive_seed(seed: int, purpose: str, *keys: int) -> int:

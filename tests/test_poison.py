@@ -232,7 +232,7 @@ def malicious_updates_of(monkeypatch, cell) -> torch.Tensor:
 
 
 def test_defaults_follow_the_authors_code():
-    assert Poison().params() == {"images": 1, "lam": 1.0, "epochs": 10, "boost": 1.0}
+    assert Poison().params() == {"images": 1, "lam": 1.0, "epochs": 10, "boost": 1.0, "adaptive": False, "rho": 1.0}
 
 
 def test_boost_scales_the_malicious_update_exactly(monkeypatch):
