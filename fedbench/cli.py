@@ -659,7 +659,10 @@ def plot(store_path, kind, out_path, metric, attack, setting, band) -> None:
 @click.option("--store", "store_path", default="fedbench-runs.db", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The folder to write report.html, report.md and the figures into (created if missing).")
-def report(store_path, out_dir) -> None:
+@click.option("--vs", "vs", default=None, metavar="DEFENSE",
+              help="Also compare every defense with DEFENSE, paired by seed, as fedbench leaderboard --vs does: a "
+                   "table after each setting's leaderboard.")
+def report(store_path, out_dir, vs) -> None:
     """Write a report of a result store: DIR/report.html (one self-contained file that opens offline,
     figures embedded) and DIR/report.md (its figures as PNG files beside it).
 
@@ -668,7 +671,7 @@ def report(store_path, out_dir) -> None:
     the cells."""
     from fedbench.report import write_report
 
-    html_path, md_path = write_report(store_path, out_dir)
+    html_path, md_path = write_report(store_path, out_dir, vs=vs)
     click.echo(f"report written to {html_path} and {md_path}", err=True)
 
 

@@ -53,8 +53,11 @@ class _Setting:
 CELL_HEADERS = ["cell", "attack", "defense", "seed", "status", "final acc", "seconds", "attack spec", "defense spec"]
 
 
-def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``out_dir/report.html`` and ``out_dir/report.md`` (with its PNGs); returns both paths."""
+def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *, vs: str | None = None) -> tuple[Path, Path]:
+    """Write ``out_dir/report.html`` and ``out_dir/report.md`` (with its PNGs); returns both paths.
+
+    ``vs``: a defense every other one is compared with, paired by seed (:func:`fedbench.leaderboard.compare`),
+    a table after each leaderboard of a setting that has it; an error if no cell of the store has it."""
     from fedbench import leaderboard as lb
     from fedbench import plots
     from fedbench.store import Store
@@ -66,6 +69,9 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike) -> t
         provenance = {key: store.provenance(key) for key in records}
     if cells.empty:
         raise FedbenchError(f"the result store {store_path} holds no cells; nothing to report")
+    if vs is not None and vs not in set(cells["defense"]):
+        known = ", ".join(dict.fromkeys(cells["defense"]))
+        raise FedbenchError(f"--vs {vs}: no cell of that defense in {store_path}; defenses: {known}")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,8 @@ def write_report(store_path: str | os.PathLike, out_dir: str | os.PathLike) -> t
     for number, (key, label) in enumerate(plots.settings(cells), start=1):
         sub = cells[cells["setting_key"] == key]
         board = lb.build(sub)
-        section = _Setting(key, label, lb._tables(board, sub, "ci"))
+        comparison = lb.compare(sub, vs) if vs is not None and vs in set(sub["defense"]) else None
+        section = _Setting(key, label, lb._tables(board, sub, "ci", comparison))
         sub_rounds = rounds[rounds["key"].isin(set(sub["key"]))]
         for stem, kind, metric, caption in FIGURES:
             fig = _Figure(f"setting{number}-{stem}.png", caption)

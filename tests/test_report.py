@@ -136,3 +136,19 @@ def test_a_report_that_cannot_be_written_is_one_clean_error(tmp_path):
     result = CliRunner().invoke(main, ["report", "--store", str(store), "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert "cannot write the report into" in result.output and "Traceback" not in result.output
+
+
+def test_report_vs_adds_the_paired_comparison_after_each_leaderboard(report_dir, tmp_path):
+    store = report_dir.parent / "runs.db"
+    result = CliRunner().invoke(main, ["report", "--store", str(store), "--out", str(tmp_path), "--vs", "fedavg"])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "report.md").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "Paired difference to fedavg" in md and "Paired difference to fedavg" in html
+    ET.fromstring(html.split("\n", 1)[1])  # still well-formed
+    # fedavg against itself is exactly zero: its row in the comparison table
+    table = md.split("Paired difference to fedavg", 1)[1]
+    fedavg_row = next(line for line in table.splitlines() if line.startswith("| fedavg |"))
+    assert "+0.000 [+0.000, +0.000]" in fedavg_row
+    bad = CliRunner().invoke(main, ["report", "--store", str(store), "--out", str(tmp_path / "x"), "--vs", "krum"])
+    assert bad.exit_code == 2 and "--vs krum: no cell of that defense" in bad.output and "fedavg" in bad.output
