@@ -116,164 +116,235 @@ def run_cell(
 
     ``metrics`` adds optional per-round measurements that do not change the run: ``aep`` (the
     attack's effect on the parameters, :mod:`fedbench.aep`)."""
-    started = time.perf_counter()
-    metrics = check_metrics(metrics)
-    reg = registry()
-    hook = get_manager().hook
-    dev = resolve_device(device)
-    sc, seed = cell.scenario, cell.seed
+    run = CellRun(cell, data_dir=data_dir, device=device, trainer=trainer, initial_params=initial_params,
+                  start_round=start_round, metrics=metrics)
+    while not run.done:
+        row = run.step()
+        if on_round is not None:
+            on_round(row["round"], row)
+    return run.result()
 
-    data = load_dataset(cell.dataset, data_dir)
-    attack = cell.attack.build(reg)
-    n_mal = sc.num_malicious if attack.active else 0
 
-    parts = cell.partition.build(reg).split(
-        data.train_y, sc.num_clients, rng.generator(seed, "partition")
-    )
-    server = Server.build(cell.defense, reg)
-    root = root_indices(server.root_samples(), len(data.train_y), seed)
-    if root is not None:
-        parts = [p[~torch.isin(p, root)] for p in parts]
-    parts = take_fraction(parts, sc.client_data_frac)
+class CellRun:
+    """One cell, advanced a round at a time (:meth:`step`); :func:`run_cell` is the loop over it.
 
-    taken = attack.setup(
-        AttackEnv(data.train_x, data.train_y, data.test_x, data.test_y, data.num_classes, rng.generator(seed, "attack"), dev)
-    )
-    keep = torch.ones(len(data.test_y), dtype=torch.bool)
-    if taken is not None and len(taken):
-        keep[taken] = False
-    test_x, test_y = data.test_x[keep].to(dev), data.test_y[keep].to(dev)
-    eval_x, eval_y = test_x, test_y  # what every round but the last is evaluated on (metrics.py)
-    if sc.eval == "auto" and len(test_y) > AUTO_SUBSET:
-        subset = stratified_subset(test_y.cpu(), AUTO_SUBSET, rng.generator(seed, "eval")).to(dev)
-        eval_x, eval_y = test_x[subset], test_y[subset]
-    if test_x.dim() == 4:  # image batches: channels-last convolutions are ~1.6x faster on a CPU (measured)
-        test_x, eval_x = (t.contiguous(memory_format=torch.channels_last) for t in (test_x, eval_x))
+    A round has two halves, so that a driver can train the benign clients of many cells together
+    (:mod:`fedbench.lockstep`): :meth:`benign_jobs` says what the round's benign clients train --
+    each from :attr:`global_params`, with :attr:`setup` and the cell's :attr:`client_defenses` --
+    and :meth:`finish_round` takes their updates and does the rest of the round (malicious clients,
+    aggregation, evaluation), returning its metrics. :meth:`step` does both with the cell's own
+    trainer. Everything a round needs is set up once here; the data is shared read-only."""
 
-    client_defenses = [spec.build(reg) for spec in cell.defense.client]
+    def __init__(
+        self,
+        cell: CellSpec,
+        *,
+        data_dir: str | None = None,
+        device: str = "cpu",
+        trainer: str = "stacked",
+        initial_params: torch.Tensor | None = None,
+        start_round: int = 1,
+        metrics: tuple[str, ...] = (),
+    ) -> None:
+        self.started = time.perf_counter()
+        self.cell = cell
+        metrics = check_metrics(metrics)
+        reg = registry()
+        self.hook = get_manager().hook
+        self.device = dev = resolve_device(device)
+        sc, seed = cell.scenario, cell.seed
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.derive_seed(seed, "init"))
-        module = cell.model.build(reg).build(tuple(data.train_x.shape[1:]), data.num_classes)
-    model = FlatModel(module.to(dev))
-    train = _trainer(trainer, model, dev)
-    with _cpu_threads(module, dev):
-        global_flat = model.flatten().to(dev)
-        if initial_params is not None:  # a warm start (fedbench.matrix): continue from a checkpoint
-            if tuple(initial_params.shape) != tuple(global_flat.shape):
-                raise FedbenchError(f"initial parameters have shape {tuple(initial_params.shape)}, the model needs {tuple(global_flat.shape)}")
-            global_flat = initial_params.to(device=dev, dtype=global_flat.dtype).clone()
-        setup = LocalSetup(sc.local_epochs, sc.batch_size, sc.lr, sc.momentum)
-        train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
-        sizes = torch.tensor([len(p) for p in parts], dtype=torch.float32, device=dev)
+        data = load_dataset(cell.dataset, data_dir)
+        self.attack = attack = cell.attack.build(reg)
+        self.n_mal = n_mal = sc.num_malicious if attack.active else 0
 
-        schedule = [r for r in attack_schedule(sc, cell.rounds, seed, attack.active) if r >= start_round]
-        adversarial_set = set(schedule)
-        series: list[dict[str, Any]] = []
-        timings = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
-        tracker = None
+        parts = cell.partition.build(reg).split(data.train_y, sc.num_clients, rng.generator(seed, "partition"))
+        self.server = Server.build(cell.defense, reg)
+        self.root = root = root_indices(self.server.root_samples(), len(data.train_y), seed)
+        if root is not None:
+            parts = [p[~torch.isin(p, root)] for p in parts]
+        self.parts = parts = take_fraction(parts, sc.client_data_frac)
+
+        taken = attack.setup(
+            AttackEnv(data.train_x, data.train_y, data.test_x, data.test_y, data.num_classes, rng.generator(seed, "attack"), dev)
+        )
+        keep = torch.ones(len(data.test_y), dtype=torch.bool)
+        if taken is not None and len(taken):
+            keep[taken] = False
+        test_x, test_y = data.test_x[keep].to(dev), data.test_y[keep].to(dev)
+        eval_x, eval_y = test_x, test_y  # what every round but the last is evaluated on (metrics.py)
+        if sc.eval == "auto" and len(test_y) > AUTO_SUBSET:
+            subset = stratified_subset(test_y.cpu(), AUTO_SUBSET, rng.generator(seed, "eval")).to(dev)
+            eval_x, eval_y = test_x[subset], test_y[subset]
+        if test_x.dim() == 4:  # image batches: channels-last convolutions are ~1.6x faster on a CPU (measured)
+            test_x, eval_x = (t.contiguous(memory_format=torch.channels_last) for t in (test_x, eval_x))
+        self.test, self.eval = (test_x, test_y), (eval_x, eval_y)
+
+        self.client_defenses = [spec.build(reg) for spec in cell.defense.client]
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.derive_seed(seed, "init"))
+            module = cell.model.build(reg).build(tuple(data.train_x.shape[1:]), data.num_classes)
+        self.module = module.to(dev)
+        self.model = FlatModel(self.module)
+        self.trainer = _trainer(trainer, self.model, dev)
+        with self.threads():
+            self.global_params = self.model.flatten().to(dev)
+            if initial_params is not None:  # a warm start (fedbench.matrix): continue from a checkpoint
+                if tuple(initial_params.shape) != tuple(self.global_params.shape):
+                    raise FedbenchError(f"initial parameters have shape {tuple(initial_params.shape)}, "
+                                        f"the model needs {tuple(self.global_params.shape)}")
+                self.global_params = initial_params.to(device=dev, dtype=self.global_params.dtype).clone()
+        self.setup = LocalSetup(sc.local_epochs, sc.batch_size, sc.lr, sc.momentum)
+        self.train_x, self.train_y = data.train_x.to(dev), data.train_y.to(dev)
+        self.sizes = torch.tensor([len(p) for p in parts], dtype=torch.float32, device=dev)
+
+        self.start_round = start_round
+        self.schedule = [r for r in attack_schedule(sc, cell.rounds, seed, attack.active) if r >= start_round]
+        self._adversarial = set(self.schedule)
+        self.series: list[dict[str, Any]] = []
+        self.timings = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
+        self.tracker = None
         if "aep" in metrics and attack.active:
             benign_pool = torch.cat([parts[c] for c in range(n_mal, sc.num_clients)])
             probe = probe_indices(benign_pool, rng.generator(seed, "aep")).to(dev)
-            tracker = AEPTracker(model.forward, train_x[probe], train_y[probe])
-        status, message = "ok", ""
+            self.tracker = AEPTracker(self.model.forward, self.train_x[probe], self.train_y[probe])
+        self.status, self.message = "ok", ""
+        self.round = start_round  # the next round to run
+        self._pending: tuple[list[int], list[int], float] | None = None
 
-        for rnd in range(start_round, cell.rounds + 1):
-            adversarial = rnd in adversarial_set
-            benign_ids, malicious_ids = select_clients(sc, n_mal, rnd, adversarial, seed)
+    @property
+    def done(self) -> bool:
+        return self.status != "ok" or self.round > self.cell.rounds
 
-            t0 = time.perf_counter()
-            jobs = [
-                ClientJob(
-                    train_x[parts[c]], train_y[parts[c]],
-                    batch_gen=rng.generator(seed, "train", rnd, c),
-                    defense_gen=rng.generator(seed, "defense", rnd, c, device=dev),
-                )
-                for c in benign_ids
-            ]
-            benign_updates = train.train(global_flat, jobs, setup, defenses=client_defenses)
-            updates = benign_updates
-            weights = sizes[torch.tensor(malicious_ids + benign_ids, device=dev)]
-            ctx = ServerContext(
-                round=rnd,
-                client_ids=tuple(malicious_ids + benign_ids),
-                global_params=global_flat,
-                num_byzantine=sc.num_malicious,
-                generator=rng.generator(seed, "aggregate", rnd, device=dev),
-                root_update=None if root is None else _root_trainer(train, global_flat, setup, train_x[root], train_y[root], seed, rnd),
+    def threads(self):
+        """The thread setting this cell's model trains best with (:func:`_cpu_threads`)."""
+        return _cpu_threads(self.module, self.device)
+
+    def step(self) -> dict[str, Any]:
+        """Run the next round with the cell's own trainer; returns its metrics."""
+        jobs = self.benign_jobs()
+        with self.threads():
+            updates = self.trainer.train(self.global_params, jobs, self.setup, defenses=self.client_defenses)
+        return self.finish_round(updates)
+
+    def benign_jobs(self) -> list[ClientJob]:
+        """The benign clients of the next round: what each trains on, with which random streams."""
+        if self.done:
+            raise FedbenchError(f"cell {self.cell.hash()} has no round left to run")
+        rnd, seed = self.round, self.cell.seed
+        benign_ids, malicious_ids = select_clients(self.cell.scenario, self.n_mal, rnd, rnd in self._adversarial, seed)
+        self._pending = (benign_ids, malicious_ids, time.perf_counter())
+        return [
+            ClientJob(
+                self.train_x[self.parts[c]], self.train_y[self.parts[c]],
+                batch_gen=rng.generator(seed, "train", rnd, c),
+                defense_key=rng.derive_seed(seed, "defense", rnd, c),
             )
-            if malicious_ids:
-                malicious = attack.malicious_updates(
-                    MaliciousRound(
-                        round=rnd,
-                        global_params=global_flat,
-                        client_ids=tuple(malicious_ids),
-                        client_data=[(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids],
-                        train=_malicious_trainer(train, global_flat, setup, seed, rnd, malicious_ids),
-                        forward=lambda flat, x: model.forward(flat)(x),
-                        generator=rng.generator(seed, "attack", rnd),
-                        benign_updates=benign_updates if attack.omniscient else None,
-                        aggregate=_server_oracle(server, weights, ctx, seed, rnd),
-                        weights=weights,
-                    )
+            for c in benign_ids
+        ]
+
+    def finish_round(self, benign_updates: torch.Tensor) -> dict[str, Any]:
+        """The rest of the round given its benign updates ``[len(benign_jobs()), P]``: the malicious
+        clients, aggregation, evaluation. Returns the round's metrics."""
+        if self._pending is None:
+            raise FedbenchError("finish_round() needs the updates of the jobs benign_jobs() gave first")
+        benign_ids, malicious_ids, t0 = self._pending
+        self._pending = None
+        with self.threads():
+            row = self._finish(self.round, benign_ids, malicious_ids, benign_updates, t0)
+        self.round += 1
+        return row
+
+    def _finish(self, rnd: int, benign_ids: list[int], malicious_ids: list[int], benign_updates: torch.Tensor,
+                t0: float) -> dict[str, Any]:
+        sc, seed, dev, model, attack = self.cell.scenario, self.cell.seed, self.device, self.model, self.attack
+        global_flat, server, parts, train_x, train_y = self.global_params, self.server, self.parts, self.train_x, self.train_y
+        updates = benign_updates
+        weights = self.sizes[torch.tensor(malicious_ids + benign_ids, device=dev)]
+        ctx = ServerContext(
+            round=rnd,
+            client_ids=tuple(malicious_ids + benign_ids),
+            global_params=global_flat,
+            num_byzantine=sc.num_malicious,
+            generator=rng.generator(seed, "aggregate", rnd, device=dev),
+            root_update=None if self.root is None else _root_trainer(
+                self.trainer, global_flat, self.setup, train_x[self.root], train_y[self.root], seed, rnd),
+        )
+        if malicious_ids:
+            malicious = attack.malicious_updates(
+                MaliciousRound(
+                    round=rnd,
+                    global_params=global_flat,
+                    client_ids=tuple(malicious_ids),
+                    client_data=[(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids],
+                    train=_malicious_trainer(self.trainer, global_flat, self.setup, seed, rnd, malicious_ids),
+                    forward=lambda flat, x: model.forward(flat)(x),
+                    generator=rng.generator(seed, "attack", rnd),
+                    benign_updates=benign_updates if attack.omniscient else None,
+                    aggregate=_server_oracle(server, weights, ctx, seed, rnd),
+                    weights=weights,
                 )
-                if tuple(malicious.shape) != (len(malicious_ids), model.num_params):
-                    raise FedbenchError(
-                        f"attack '{attack.name}' returned updates of shape {tuple(malicious.shape)}, "
-                        f"expected {(len(malicious_ids), model.num_params)}"
-                    )
-                updates = torch.cat([malicious, benign_updates])
-            clean_step, aep_train, aep_eval = None, 0.0, 0.0
-            if tracker is not None and malicious_ids:  # before the real call: the oracle copies the server's state
-                t_aep = time.perf_counter()
-                honest = _malicious_trainer(train, global_flat, setup, seed, rnd, malicious_ids)(
-                    [(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids])
-                clean_step = _server_oracle(server, weights, ctx, seed, rnd)(torch.cat([honest, benign_updates]))
-                aep_train = time.perf_counter() - t_aep
-            t1 = time.perf_counter()
-            step = server(updates, weights, ctx)
-            global_flat = global_flat + step
-            t2 = time.perf_counter()
+            )
+            if tuple(malicious.shape) != (len(malicious_ids), model.num_params):
+                raise FedbenchError(
+                    f"attack '{attack.name}' returned updates of shape {tuple(malicious.shape)}, "
+                    f"expected {(len(malicious_ids), model.num_params)}"
+                )
+            updates = torch.cat([malicious, benign_updates])
+        clean_step, aep_train, aep_eval = None, 0.0, 0.0
+        if self.tracker is not None and malicious_ids:  # before the real call: the oracle copies the server's state
+            t_aep = time.perf_counter()
+            honest = _malicious_trainer(self.trainer, global_flat, self.setup, seed, rnd, malicious_ids)(
+                [(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids])
+            clean_step = _server_oracle(server, weights, ctx, seed, rnd)(torch.cat([honest, benign_updates]))
+            aep_train = time.perf_counter() - t_aep
+        t1 = time.perf_counter()
+        step = server(updates, weights, ctx)
+        global_flat = self.global_params = global_flat + step
+        t2 = time.perf_counter()
 
-            forward = model.forward(global_flat)
-            x, y = (test_x, test_y) if rnd == cell.rounds else (eval_x, eval_y)
-            acc, loss = evaluate(forward, x, y)
-            row: dict[str, Any] = {"round": rnd, "adversarial": adversarial, "accuracy": acc, "loss": loss, "eval_n": len(y)}
-            with torch.no_grad():
-                row.update({k: float(v) for k, v in attack.metrics(forward).items()})
-            if attack.untargeted and "success" not in row:
-                row["success"] = 1.0 - acc  # an untargeted attack's success is the benign error
-            if tracker is not None:
-                t_aep = time.perf_counter()
-                row.update(tracker.row(rnd, step, global_flat, clean_step))
-                aep_eval = time.perf_counter() - t_aep
-            t3 = time.perf_counter()
-            timings["train"] += t1 - t0 - aep_train
-            timings["aggregate"] += t2 - t1
-            timings["evaluate"] += t3 - t2 - aep_eval
-            if tracker is not None:
-                timings["aep"] = timings.get("aep", 0.0) + aep_train + aep_eval
-            series.append(row)
-            hook.round_finished(cell=cell, round=rnd, metrics=dict(row))
-            if on_round is not None:
-                on_round(rnd, row)
-            if not math.isfinite(loss) or not bool(torch.isfinite(global_flat).all()):
-                status, message = "diverged", f"non-finite loss or parameters in round {rnd}"
-                break
+        forward = model.forward(global_flat)
+        x, y = self.test if rnd == self.cell.rounds else self.eval
+        acc, loss = evaluate(forward, x, y)
+        row: dict[str, Any] = {"round": rnd, "adversarial": bool(malicious_ids), "accuracy": acc, "loss": loss,
+                               "eval_n": len(y)}
+        with torch.no_grad():
+            row.update({k: float(v) for k, v in attack.metrics(forward).items()})
+        if attack.untargeted and "success" not in row:
+            row["success"] = 1.0 - acc  # an untargeted attack's success is the benign error
+        if self.tracker is not None:
+            t_aep = time.perf_counter()
+            row.update(self.tracker.row(rnd, step, global_flat, clean_step))
+            aep_eval = time.perf_counter() - t_aep
+        t3 = time.perf_counter()
+        self.timings["train"] += t1 - t0 - aep_train
+        self.timings["aggregate"] += t2 - t1
+        self.timings["evaluate"] += t3 - t2 - aep_eval
+        if self.tracker is not None:
+            self.timings["aep"] = self.timings.get("aep", 0.0) + aep_train + aep_eval
+        self.series.append(row)
+        self.hook.round_finished(cell=self.cell, round=rnd, metrics=dict(row))
+        if not math.isfinite(loss) or not bool(torch.isfinite(global_flat).all()):
+            self.status, self.message = "diverged", f"non-finite loss or parameters in round {rnd}"
+        return row
 
-        ok = status == "ok"
-        mitigation = mitigation_rounds(series, schedule, attack.mitigated, first_round=start_round) if ok else []
+    def result(self) -> RunResult:
+        """What the run produced so far (all of it once :attr:`done`)."""
+        ok = self.status == "ok"
+        mitigation = (mitigation_rounds(self.series, self.schedule, self.attack.mitigated, first_round=self.start_round)
+                      if ok else [])
         return RunResult(
-            cell=cell,
-            status=status,
-            rounds=series,
-            adversarial_rounds=schedule,
+            cell=self.cell,
+            status=self.status,
+            rounds=self.series,
+            adversarial_rounds=self.schedule,
             mitigation=mitigation,
-            final_accuracy=series[-1]["accuracy"] if series else float("nan"),
-            seconds=time.perf_counter() - started,
-            message=message,
-            timings=timings,
-            final_params=global_flat.detach().cpu(),
+            final_accuracy=self.series[-1]["accuracy"] if self.series else float("nan"),
+            seconds=time.perf_counter() - self.started,
+            message=self.message,
+            timings=self.timings,
+            final_params=self.global_params.detach().cpu(),
         )
 
 
