@@ -1,7 +1,7 @@
 """Confidence intervals over seeds: how sure a leaderboard's mean, or a difference between two
 defenses, is.
 
-Every interval is a two-sided 95% Student t interval over the n seeds (``scipy.stats.t``)::
+Every interval is a two-sided 95% Student t interval over the n seeds (the t quantile of ``scipy.special.stdtrit``)::
 
     mean ± t_{0.975, n-1} · s / sqrt(n)
 
@@ -44,9 +44,13 @@ def t_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
     if std == 0:
         return mean, mean
-    from scipy import stats  # lazily: importing scipy takes a while, and only tables need it
+    # The t quantile from scipy.special (0.2 s to import) rather than scipy.stats (0.6 s, a third of a
+    # fresh `fedbench leaderboard`); same numbers: stats.t.interval calls the same function.
+    from scipy.special import stdtrit
 
-    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=std / math.sqrt(n))
+    scale = std / math.sqrt(n)
+    low = stdtrit(n - 1, (1 - confidence) / 2) * scale + mean
+    high = stdtrit(n - 1, (1 + confidence) / 2) * scale + mean
     return float(low), float(high)
 
 
