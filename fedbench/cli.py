@@ -228,6 +228,11 @@ def run(attack, defense, seed, store_path, as_json, quiet, plot_path, extra_metr
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except FedbenchError:
+        raise
+    except Exception as error:
+        _plugin_crash(error)
+        raise  # not a plugin's: fedbench's own bug, with its traceback
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -241,6 +246,22 @@ def run(attack, defense, seed, store_path, as_json, quiet, plot_path, extra_metr
     if result.status != "ok":
         out.print(f"[red]{escape(result.status)}: {escape(result.message)}[/]")
         sys.exit(1)
+
+
+def _plugin_crash(error: Exception) -> None:
+    """If a plugin's code raised ``error``, print its traceback (for the plugin's author) and then one
+    line naming the plugin, and exit 1 -- the exit code a crash always had; otherwise return."""
+    import traceback
+
+    from fedbench.errors import one_line
+    from fedbench.executors import culprit
+
+    who = culprit(error)
+    if who is None:
+        return
+    click.echo("".join(traceback.format_exception(error)).rstrip(), err=True)
+    click.echo(f"Error: {who} raised {one_line(error)}", err=True)
+    sys.exit(1)
 
 
 def _plot_run(result, path: str) -> None:
@@ -395,13 +416,17 @@ def _config_text(key: str, val: Any, path: str) -> str:
 @click.option("--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
               help="process: local worker processes; ray: Ray tasks (pip install 'fedbench-suite[ray]').")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--cell-timeout", type=float, default=None, metavar="SECONDS",
+              help="Stop a cell (or warm-up) still running after this many seconds and record it failed; the "
+                   "other cells go on [default: no timeout]. Timed from when its data is loaded; a re-run skips "
+                   "it unless --retry-failed.")
 @click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed (the cell itself raised).")
 @click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
 @click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
-def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, ray_address, retry_failed, force,
-           csv_path, dry_run, quiet, **opts) -> None:
+def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, ray_address, cell_timeout, retry_failed,
+           force, csv_path, dry_run, quiet, **opts) -> None:
     """Run a grid of cells (attacks x defense stacks x seeds, plus the clean and undefended reference
     cells) into a result store and print the leaderboard.
 
@@ -421,9 +446,10 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
         mx.require_warm_start()
     if jobs is not None and jobs < 1:
         raise FedbenchError(f"--jobs {jobs} is not allowed; need at least 1")
+    mx.check_cell_timeout(cell_timeout, "--cell-timeout")
     _run_grid(cells, store_path, jobs=jobs, executor=executor, ray_address=ray_address, retry_failed=retry_failed,
               force=force, csv_path=csv_path, dry_run=dry_run, quiet=quiet, data_dir=opts["data_dir"],
-              device=opts["device"], trainer=opts["trainer"])
+              device=opts["device"], trainer=opts["trainer"], cell_timeout=cell_timeout)
 
 
 @main.command()
@@ -443,13 +469,17 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
               help="Where datasets live (default: $FEDBENCH_DATA_DIR, else ~/.cache/fedbench).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--trainer", type=click.Choice(["stacked", "loop"]), default="stacked", show_default=True)
+@click.option("--cell-timeout", type=float, default=None, metavar="SECONDS",
+              help="Stop a cell (or warm-up) still running after this many seconds and record it failed; the "
+                   "other cells go on [default: no timeout]. Timed from when its data is loaded; a re-run skips "
+                   "it unless --retry-failed.")
 @click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed.")
 @click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
 @click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
 def reproduce(name, list_presets, describe, quick, rounds, seeds, dataset, protocols, store_path, jobs, data_dir, device,
-              trainer, retry_failed, force, csv_path, dry_run, quiet) -> None:
+              trainer, cell_timeout, retry_failed, force, csv_path, dry_run, quiet) -> None:
     """Run one of the FL-WBC paper's experiments (a preset grid shipped with fedbench) under both
     protocols, into a result store, and print its leaderboards.
 
@@ -470,16 +500,19 @@ def reproduce(name, list_presets, describe, quick, rounds, seeds, dataset, proto
         return
     if jobs is not None and jobs < 1:
         raise FedbenchError(f"--jobs {jobs} is not allowed; need at least 1")
+    from fedbench.matrix import check_cell_timeout
+
+    check_cell_timeout(cell_timeout, "--cell-timeout")
     cells = preset.cells(quick=quick, rounds=rounds, seeds=seeds, dataset=dataset, protocols=protocols)
     if not quiet and not dry_run:
         click.echo(f"{preset.name}: {preset.estimate(device=device, cells=cells)}", err=True)
     _run_grid(cells, store_path, jobs=jobs, executor="process", ray_address=None, retry_failed=retry_failed,
               force=force, csv_path=csv_path, dry_run=dry_run, quiet=quiet, data_dir=data_dir, device=device,
-              trainer=trainer)
+              trainer=trainer, cell_timeout=cell_timeout)
 
 
 def _run_grid(cells, store_path, *, jobs, executor, ray_address, retry_failed, force, csv_path, dry_run, quiet,
-              data_dir, device, trainer) -> None:
+              data_dir, device, trainer, cell_timeout=None) -> None:
     """Run (or list, with ``dry_run``) a grid of cells into a store and print its leaderboards: the
     part of ``matrix`` that ``reproduce`` shares. Exit 1 when a cell did not finish, 130/143 on Ctrl-C
     or SIGTERM."""
@@ -519,7 +552,8 @@ def _run_grid(cells, store_path, *, jobs, executor, ray_address, retry_failed, f
         try:
             report = mx.run_matrix(cells, store, jobs=jobs, executor=executor, ray_address=ray_address,
                                    data_dir=data_dir, device=device, trainer=trainer,
-                                   retry_failed=retry_failed, force=force, progress=progress)
+                                   retry_failed=retry_failed, force=force, cell_timeout=cell_timeout,
+                                   progress=progress)
         except KeyboardInterrupt as interrupt:
             done = sum(1 for s in store.statuses(mc.key for mc in cells).values() if s in st.FINISHED)
             terminated = isinstance(interrupt, mx.Terminated)

@@ -14,6 +14,11 @@ Ctrl-C loses only the cells in flight. Workers catch every exception of a cell a
 every dataset of the grid once, so missing data stops the matrix with one message, nothing stored.
 The engine is deterministic per cell, so where a cell runs does not change its numbers.
 
+Cell timeout (``cell_timeout``, ``--cell-timeout``, opt-in): a cell (or warm-up) still running after
+that many seconds is stopped and recorded ``failed`` -- a plugin that hangs costs its own cells, not
+the grid. The worker stops it (:class:`fedbench.executors.Alarm`); on the process pool the driver
+also kills a worker whose task does not stop (:func:`_drive`).
+
 Shared warm start (``warmup_rounds=W``, opt-in): every group of cells with the same dataset,
 partition, model, scenario and seed first needs W rounds of clean FedAvg. That checkpoint is a cell
 of its own (attack ``none``, defense ``fedavg``, W rounds), computed once, stored by its hash and
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import time
@@ -35,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 from fedbench.errors import DataError, FedbenchError, SpecError, one_line
-from fedbench.executors import Inline, Processes, RayTasks, WorkerDied
+from fedbench.executors import Inline, Processes, RayTasks, WorkerDied, timeout_message
 from fedbench.spec import CellSpec, make_cell, parse_component, parse_defense
 from fedbench.store import FINISHED, Store
 
@@ -264,6 +270,9 @@ class Progress:
 
     def task_started(self, task: "Task") -> None: ...
 
+    def task_restarted(self, task: "Task") -> None:
+        """``task`` runs again from its first round: its worker was killed to stop another task."""
+
     def round_done(self, key: str, rnd: int) -> None: ...
 
     def task_finished(self, task: "Task", outcome: dict[str, Any]) -> None: ...
@@ -318,6 +327,19 @@ def plan(cells: Sequence[MatrixCell], store: Store, *, retry_failed: bool = Fals
     return [mc for mc in cells if done.get(mc.key) not in skip]
 
 
+def check_cell_timeout(seconds: float | None, what: str = "cell_timeout") -> float | None:
+    """``seconds`` as a cell timeout: ``None`` (no timeout) or a finite number > 0, else a
+    :class:`FedbenchError` naming ``what`` (the option or argument it came from)."""
+    if seconds is None:
+        return None
+    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if not number or not math.isfinite(seconds) or seconds <= 0:
+        shown = f"{seconds:g}" if number else repr(seconds)
+        raise FedbenchError(f"{what} {shown} is not allowed; need a finite number of seconds > 0 (e.g. 3600), "
+                            "or no timeout at all")
+    return float(seconds)
+
+
 def run_matrix(
     cells: Sequence[MatrixCell],
     store: Store,
@@ -330,12 +352,19 @@ def run_matrix(
     trainer: str = "stacked",
     retry_failed: bool = False,
     force: bool = False,
+    cell_timeout: float | None = None,
     progress: Progress | None = None,
 ) -> MatrixReport:
     """Run the cells :func:`plan` selects and record every outcome in ``store``.
 
     ``jobs`` (default: the number of cores) caps the cells in flight; with one, cells run in this
-    process. The caller holds the store's lock (:func:`fedbench.store.lock`). On
+    process. ``cell_timeout`` (seconds, default none) stops a cell or warm-up that runs longer and
+    records it ``failed`` (a re-run skips it unless ``retry_failed``); the matrix goes on. It is
+    timed from when the task's data is loaded. With ``jobs=1`` only the alarm inside the cell
+    stops it (:class:`fedbench.executors.Alarm`): a plugin stuck in C code that never returns to
+    Python holds this process until it does. On worker processes the driver also kills a worker
+    whose task is still running :func:`stuck_grace` seconds past its timeout (see :func:`_drive`).
+    The caller holds the store's lock (:func:`fedbench.store.lock`). On
     ``KeyboardInterrupt`` the cells in flight are marked ``interrupted`` and the interrupt
     propagates (the CLI exits 130); finished cells stay recorded and the next run resumes. SIGTERM
     does the same while the cells run: it raises :class:`Terminated`, a ``KeyboardInterrupt``.
@@ -348,12 +377,13 @@ def run_matrix(
         raise FedbenchError(f"unknown executor '{executor}'; use one of: {', '.join(EXECUTORS)}")
     if jobs is not None and jobs < 1:
         raise FedbenchError(f"jobs={jobs} is not allowed; need at least 1")
+    cell_timeout = check_cell_timeout(cell_timeout)
     started = time.perf_counter()
     progress = progress or Progress()
     store.mark_stale_running()
     todo = plan(cells, store, retry_failed=retry_failed, force=force)
     report = MatrixReport(keys=[mc.key for mc in cells], skipped=len(cells) - len(todo))
-    common = {"data_dir": data_dir, "device": device, "trainer": trainer}
+    common = {"data_dir": data_dir, "device": device, "trainer": trainer, "timeout": cell_timeout}
     if any(mc.warmup_rounds for mc in todo):
         require_warm_start()
     check_environment(todo, data_dir, device, on_cluster=executor == "ray" and bool(ray_address))
@@ -480,20 +510,51 @@ def _cell_task(mc: MatrixCell, common: dict[str, Any], checkpoint: bytes | None)
     return Task(mc.key, mc.label(), mc.rounds_to_run(), payload, mc)
 
 
+#: Seconds past its timeout a task may take to stop by itself (and report so) before the driver
+#: kills its worker: at least this, or a tenth of the timeout.
+STUCK_GRACE_S = 5.0
+
+
+def stuck_grace(timeout: float) -> float:
+    """How long past ``timeout`` the driver waits for a task's own alarm before it kills the worker:
+    enough for the worker to stop the cell and send its outcome, even on a loaded machine."""
+    return max(STUCK_GRACE_S, timeout / 10)
+
+
 def _drive(tasks: Sequence[Task], backend, store: Store, progress: Progress):
     """Hand ``tasks`` to ``backend``, at most ``backend.slots`` at a time, and yield
-    ``(task, outcome)`` as outcomes arrive -- after recording cells in the store."""
+    ``(task, outcome)`` as outcomes arrive -- after recording cells in the store.
+
+    The backstop of a cell timeout: on a backend that ``stops_stuck`` (the process pool), a task
+    still running :func:`stuck_grace` seconds after its ``timeout`` -- timed from the ``(key, 0)``
+    its worker sends when the run starts -- is stuck where the worker's alarm cannot reach it (C
+    code that never returns to Python). Every worker is then killed: each task in flight that ran
+    past its timeout is recorded ``failed`` with the timeout's message, and the others are handed
+    out again in this run (from their first round: a cell is deterministic, so their numbers do
+    not change). Inline (``jobs=1``) and Ray have no such backstop."""
     pending = deque(tasks)
     inflight: dict[Any, Task] = {}
+    handed: set[str] = set()  # keys already started in the store (a restarted task is not started twice)
+    began: dict[str, float] = {}  # key -> when its worker said the run started (time.monotonic)
+    last_round: dict[str, int] = {}
+    kills = getattr(backend, "stops_stuck", False)
     while pending or inflight:
         while pending and len(inflight) < backend.slots:
             task = pending.popleft()
-            if task.cell is not None:
-                store.start(task.key, task.payload["cell"], task.cell.warmup_rounds, task.cell.info())
-            progress.task_started(task)
+            if task.key in handed:
+                progress.task_restarted(task)
+            else:
+                handed.add(task.key)
+                if task.cell is not None:
+                    store.start(task.key, task.payload["cell"], task.cell.warmup_rounds, task.cell.info())
+                progress.task_started(task)
             inflight[backend.submit(task.payload)] = task
         done = backend.wait(list(inflight), timeout=0.2)
         for key, rnd in backend.progress():
+            if rnd == 0:  # the run starts: what a timeout is measured from
+                began[key] = time.monotonic()
+                continue
+            last_round[key] = rnd
             progress.round_done(key, rnd)
         died = False
         for handle in done:
@@ -504,6 +565,8 @@ def _drive(tasks: Sequence[Task], backend, store: Store, progress: Progress):
                 inflight[handle] = task
                 died = True
                 continue
+            began.pop(task.key, None)
+            last_round.pop(task.key, None)
             if task.cell is not None:
                 store.finish(task.key, outcome)
             progress.task_finished(task, outcome)
@@ -520,6 +583,32 @@ def _drive(tasks: Sequence[Task], backend, store: Store, progress: Progress):
                 outcome = {"key": task.key, "status": "interrupted", "message": message}
                 progress.task_finished(task, outcome)
                 yield task, outcome
+            continue
+        if not kills or not inflight:
+            continue
+        now = time.monotonic()
+        ran = {task.key: now - began[task.key] for task in inflight.values() if task.key in began}
+        if not any(task.payload.get("timeout") and ran.get(task.key, 0.0) > task.payload["timeout"]
+                   + stuck_grace(task.payload["timeout"]) for task in inflight.values()):
+            continue
+        lost = list(inflight.values())
+        inflight.clear()
+        backend.restart(kill=True)
+        stopped = []
+        for task in reversed(lost):
+            timeout, seconds = task.payload.get("timeout"), ran.get(task.key, 0.0)
+            began.pop(task.key, None)
+            if timeout and seconds > timeout:
+                stopped.append((task, {"key": task.key, "status": "failed", "error": "", "result": None,
+                                       "message": timeout_message(timeout, seconds, last_round.get(task.key), killed=True)}))
+            else:
+                last_round.pop(task.key, None)
+                pending.appendleft(task)
+        for task, outcome in reversed(stopped):
+            if task.cell is not None:
+                store.finish(task.key, outcome)
+            progress.task_finished(task, outcome)
+            yield task, outcome
 
 
 def require_warm_start() -> None:
@@ -575,6 +664,9 @@ class PlainProgress(Progress):
         self._total = len(todo)
         self._echo(_start_line(total, skipped, todo, where))
 
+    def task_restarted(self, task):
+        self._echo(f"restarted   {task.label}  (its worker process was killed to stop a stuck cell)")
+
     def task_finished(self, task, outcome):
         self._done += 1
         width = len(str(self._total))
@@ -613,6 +705,13 @@ class RichProgress(Progress):
         self._seen[task.key] = 0
         self._rows[task.key] = self._bar.add_task(f"  {_escape(task.label)}", total=task.rounds,
                                                   info=f"round 0/{task.rounds}")
+
+    def task_restarted(self, task):
+        row = self._rows.get(task.key)
+        if row is not None:
+            self._bar.update(self._overall, advance=-self._seen.get(task.key, 0))
+            self._seen[task.key] = 0
+            self._bar.update(row, completed=0, info=f"round 0/{task.rounds} (restarted)")
 
     def round_done(self, key, rnd):
         if key not in self._rows:

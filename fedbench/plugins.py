@@ -8,6 +8,7 @@ object directly, for notebooks and tests.
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -257,6 +258,64 @@ def broken_plugins() -> dict[str, tuple[str, str]]:
     """Plugins that failed to import or to register: name -> (origin, one-line error)."""
     registry()
     return dict(sorted(_broken.items()))
+
+
+def plugin_of_module(module: str | None) -> tuple[str, str] | None:
+    """The loaded plugin whose code ``module`` (a module's ``__name__``) is, as ``(name, source)`` --
+    source ``entry point fedbench.poison = fedbench_plugins.poison, fedbench-suite 0.1.0`` or
+    ``registered directly`` -- or ``None`` for the core (``fedbench.*``) and for code that belongs to
+    no plugin (torch, the standard library).
+
+    A plugin's code is its own module (a package: its submodules too) and the modules defining the
+    components it registers. This is how a cell that fails names the plugin whose code raised
+    (:func:`fedbench.executors.failure_of`), so it never raises itself."""
+    if not module or module == "fedbench" or module.startswith("fedbench."):
+        return None
+    try:
+        owners, packages = _plugin_modules()
+    except Exception:  # noqa: BLE001 - called while reporting another failure
+        return None
+    return owners.get(module) or next((o for prefix, o in packages.items() if module.startswith(prefix)), None)
+
+
+_modules_cache: tuple[Any, Any, Any] | None = None  # (manager, registry, what _plugin_modules returns)
+
+
+def _plugin_modules() -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """module -> (plugin name, source) and package prefix (``pkg.``) -> the same, for every loaded
+    plugin but the core; rebuilt when the manager or the registry is."""
+    global _modules_cache
+    pm, reg = get_manager(), registry()
+    if _modules_cache is not None and _modules_cache[0] is pm and _modules_cache[1] is reg:
+        return _modules_cache[2]
+    points = {ep.name: ep for ep in _entry_points()}
+
+    def source(name: str) -> str:
+        ep = points.get(name)
+        if ep is None or _ORIGINS.get(name) != _dist_label(ep):
+            return "registered directly"
+        dist = getattr(ep, "dist", None)
+        return f"entry point {ENTRY_POINT_GROUP}.{ep.name} = {ep.value}" + (f", {dist.name} {dist.version}" if dist else "")
+
+    owners: dict[str, tuple[str, str]] = {}
+    packages: dict[str, tuple[str, str]] = {}
+    for name, plugin in pm.list_name_plugin():
+        if name == "fedbench" or plugin is None:
+            continue
+        if isinstance(plugin, types.ModuleType):
+            owners.setdefault(plugin.__name__, (name, source(name)))
+            if hasattr(plugin, "__path__"):
+                packages.setdefault(plugin.__name__ + ".", (name, source(name)))
+        else:  # a class or an instance with hookimpls
+            owners.setdefault(getattr(plugin, "__module__", None) or type(plugin).__module__, (name, source(name)))
+    name_of_origin = {origin: name for name, origin in _ORIGINS.items()}
+    for kind in BASES:
+        for entry in reg.entries(kind).values():
+            name = name_of_origin.get(entry.origin)
+            if name is not None and name != "fedbench" and not entry.cls.__module__.startswith("fedbench."):
+                owners.setdefault(entry.cls.__module__, (name, source(name)))
+    _modules_cache = (pm, reg, (owners, packages))
+    return owners, packages
 
 
 def plugin_versions() -> dict[str, str]:

@@ -199,7 +199,8 @@ def test_a_crashing_cell_is_recorded_as_failed_and_the_matrix_goes_on(stores):
         records = store.cells()
     failed = [r for r in records if r.status == "failed"]
     assert sorted(r.defense for r in failed) == ["fedavg", "wbc"] and {r.attack for r in failed} == {"boom"}
-    assert all(r.message == "RuntimeError: boom: the attack plugin crashed" for r in failed)
+    assert all(r.message == f"attack 'boom' of plugin '{PLUGIN}' (registered directly) raised "
+               "RuntimeError: boom: the attack plugin crashed" for r in failed)
     assert all("Traceback" in r.error and "malicious_updates" in r.error for r in failed)
     assert sum(r.status == "ok" for r in records) == 4
 
@@ -215,7 +216,8 @@ def test_a_diverging_cell_is_recorded_as_diverged(stores):
 def test_failed_and_diverged_cells_are_shown_in_the_leaderboard(stores):
     result = CliRunner().invoke(main, ["leaderboard", "--store", str(stores[1]), "--format", "md"])
     assert result.exit_code == 0
-    assert "failed: boom vs wbc, seed 0 -- RuntimeError: boom: the attack plugin crashed" in result.output
+    assert (f"failed: boom vs wbc, seed 0 -- attack 'boom' of plugin '{PLUGIN}' (registered directly) raised "
+            "RuntimeError: boom: the attack plugin crashed") in result.output
     assert "diverged: poison vs nan, seed 0 -- non-finite loss or parameters in round 1" in result.output
 
 
