@@ -56,6 +56,6 @@ def jobs(x, y, n=None):
 
     n = n or x.shape[1]
     return [
-        ClientJob(x[i, :n], y[i, :n], torch.Generator().manual_seed(i), torch.Generator().manual_seed(1000 + i))
+        ClientJob(x[i, :n], y[i, :n], torch.Generator().manual_seed(i), defense_key=1000 + i)
         for i in range(len(x))
     ]

@@ -420,13 +420,16 @@ def _config_text(key: str, val: Any, path: str) -> str:
               help="Stop a cell (or warm-up) still running after this many seconds and record it failed; the "
                    "other cells go on [default: no timeout]. Timed from when its data is loaded; a re-run skips "
                    "it unless --retry-failed.")
+@click.option("--lockstep/--no-lockstep", default=None,
+              help="Advance cells that share dataset, model and local setup round by round together, their clients "
+                   "trained in one batch [default: on with --device cuda, off on a CPU, where it measured no faster].")
 @click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed (the cell itself raised).")
 @click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
 @click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
-def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, ray_address, cell_timeout, retry_failed,
-           force, csv_path, dry_run, quiet, **opts) -> None:
+def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, ray_address, cell_timeout, lockstep,
+           retry_failed, force, csv_path, dry_run, quiet, **opts) -> None:
     """Run a grid of cells (attacks x defense stacks x seeds, plus the clean and undefended reference
     cells) into a result store and print the leaderboard.
 
@@ -449,7 +452,7 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
     mx.check_cell_timeout(cell_timeout, "--cell-timeout")
     _run_grid(cells, store_path, jobs=jobs, executor=executor, ray_address=ray_address, retry_failed=retry_failed,
               force=force, csv_path=csv_path, dry_run=dry_run, quiet=quiet, data_dir=opts["data_dir"],
-              device=opts["device"], trainer=opts["trainer"], cell_timeout=cell_timeout)
+              device=opts["device"], trainer=opts["trainer"], cell_timeout=cell_timeout, lockstep=lockstep)
 
 
 @main.command()
@@ -473,13 +476,16 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
               help="Stop a cell (or warm-up) still running after this many seconds and record it failed; the "
                    "other cells go on [default: no timeout]. Timed from when its data is loaded; a re-run skips "
                    "it unless --retry-failed.")
+@click.option("--lockstep/--no-lockstep", default=None,
+              help="Advance cells that share dataset, model and local setup round by round together, their clients "
+                   "trained in one batch [default: on with --device cuda, off on a CPU, where it measured no faster].")
 @click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed.")
 @click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
 @click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
 def reproduce(name, list_presets, describe, quick, rounds, seeds, dataset, protocols, store_path, jobs, data_dir, device,
-              trainer, cell_timeout, retry_failed, force, csv_path, dry_run, quiet) -> None:
+              trainer, cell_timeout, lockstep, retry_failed, force, csv_path, dry_run, quiet) -> None:
     """Run one of the FL-WBC paper's experiments (a preset grid shipped with fedbench) under both
     protocols, into a result store, and print its leaderboards.
 
@@ -508,11 +514,11 @@ def reproduce(name, list_presets, describe, quick, rounds, seeds, dataset, proto
         click.echo(f"{preset.name}: {preset.estimate(device=device, cells=cells)}", err=True)
     _run_grid(cells, store_path, jobs=jobs, executor="process", ray_address=None, retry_failed=retry_failed,
               force=force, csv_path=csv_path, dry_run=dry_run, quiet=quiet, data_dir=data_dir, device=device,
-              trainer=trainer, cell_timeout=cell_timeout)
+              trainer=trainer, cell_timeout=cell_timeout, lockstep=lockstep)
 
 
 def _run_grid(cells, store_path, *, jobs, executor, ray_address, retry_failed, force, csv_path, dry_run, quiet,
-              data_dir, device, trainer, cell_timeout=None) -> None:
+              data_dir, device, trainer, cell_timeout=None, lockstep=None) -> None:
     """Run (or list, with ``dry_run``) a grid of cells into a store and print its leaderboards: the
     part of ``matrix`` that ``reproduce`` shares. Exit 1 when a cell did not finish, 130/143 on Ctrl-C
     or SIGTERM."""
@@ -553,7 +559,7 @@ def _run_grid(cells, store_path, *, jobs, executor, ray_address, retry_failed, f
             report = mx.run_matrix(cells, store, jobs=jobs, executor=executor, ray_address=ray_address,
                                    data_dir=data_dir, device=device, trainer=trainer,
                                    retry_failed=retry_failed, force=force, cell_timeout=cell_timeout,
-                                   progress=progress)
+                                   lockstep=lockstep, progress=progress)
         except KeyboardInterrupt as interrupt:
             done = sum(1 for s in store.statuses(mc.key for mc in cells).values() if s in st.FINISHED)
             terminated = isinstance(interrupt, mx.Terminated)

@@ -293,6 +293,11 @@ class StepState:
     ``updates`` is W_i - W_{i-1} of this iteration; ``grads`` the minibatch gradients.
     ``active`` ([C] bool) marks clients that really stepped (``False`` for padded steps of a client
     with fewer batches); a defense must leave inactive clients untouched.
+    ``keys`` ([C] int64) are the clients' defense keys: draw noise for all clients at once with
+    :func:`fedbench.rng.laplace_keyed` / :func:`~fedbench.rng.uniform` and a counter that names the
+    defense and the step, e.g. ``("wbc", state.epoch, state.step)``. A client's draws then depend on
+    its key and the counter only, not on the other clients in the batch (or whether they are
+    active), so the loop and stacked trainers agree.
     """
 
     step: int  # iteration within the local epoch, from 0
@@ -304,7 +309,7 @@ class StepState:
     prev_grads: list["torch.Tensor"] | None
     prev_updates: list["torch.Tensor"] | None
     is_weight: list[bool]  # conv / linear weight tensors (not biases)
-    generators: list["torch.Generator"]  # one defense stream per client
+    keys: "torch.Tensor"  # [C] int64, each client's defense key
     active: "torch.Tensor"
 
 
@@ -313,7 +318,8 @@ class ClientDefense(Component):
 
     ``after_step`` is called after each local SGD iteration (only when ``per_step = True``, so that
     defenses without it cost nothing); ``on_update`` transforms the finished updates ``[C, P]``
-    before upload."""
+    before upload. Noise comes from the clients' defense keys through the counter-based generator
+    of :mod:`fedbench.rng` (see :class:`StepState`), never from torch's global stream."""
 
     kind: ClassVar[str] = "defense"
     per_step: ClassVar[bool] = False
@@ -321,8 +327,9 @@ class ClientDefense(Component):
     def after_step(self, state: StepState) -> None:
         """Change ``state.params`` in place after an optimizer step."""
 
-    def on_update(self, updates: "torch.Tensor", generators: list["torch.Generator"]) -> "torch.Tensor":
-        """Return the updates ``[C, P]`` to upload; ``generators`` has one defense stream per client."""
+    def on_update(self, updates: "torch.Tensor", keys: "torch.Tensor") -> "torch.Tensor":
+        """Return the updates ``[C, P]`` to upload; ``keys`` ``[C]`` int64 are the clients' defense
+        keys (draw with a counter of your own, e.g. ``fedbench.rng.laplace_keyed(keys, ("ldp",), ...)``)."""
         return updates
 
 

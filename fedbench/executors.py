@@ -71,12 +71,16 @@ def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = 
 
     key = task["key"]
     if _worker_error is not None:
-        return {"key": key, "status": "failed", "message": _worker_error, "error": "", "result": None,
-                "worker": worker_id()}
+        failed = {"status": "failed", "message": _worker_error, "error": "", "result": None, "worker": worker_id()}
+        if task["kind"] == "group":
+            return {"key": key, "status": "failed", "outcomes": [{**failed, "key": t["key"]} for t in task["tasks"]]}
+        return {"key": key, **failed}
     report = on_round
     if report is None and _progress_queue is not None:
         queue = _progress_queue
         report = lambda k, r: queue.put((k, r))  # noqa: E731
+    if task["kind"] == "group":
+        return execute_group(task, report)
     outcome: dict[str, Any] = {"key": key, "worker": worker_id()}
     loaded = False
     timeout = task.get("timeout")
@@ -116,6 +120,59 @@ def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = 
         outcome.update(failure_of(error, environment=isinstance(error, DataError) and not loaded))
     outcome["versions"] = versions()
     return outcome
+
+
+def execute_group(task: dict[str, Any], report: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Run a lockstep group (``task["tasks"]``: cell tasks of one :func:`fedbench.lockstep.group_key`)
+    and return ``{"key", "status", "outcomes": [one outcome per cell, in order]}``.
+
+    Each cell's outcome is what :func:`execute` would record for it alone -- its result, or its own
+    failure (a cell that raises leaves the group, the others go on) -- with ``worker`` saying it ran
+    in lockstep and with how many cells. ``task["timeout"]`` bounds the whole group: cells not
+    finished when it fires are recorded ``failed`` with the timeout's message."""
+    from fedbench.data import load_dataset
+    from fedbench.lockstep import run_lockstep
+
+    key, children = task["key"], task["tasks"]
+    who = f"{worker_id()} lockstep x{len(children)}"
+    outcomes: list[dict[str, Any] | None] = [None] * len(children)
+    finished: dict[int, int] = {}
+    try:
+        cells = [CellSpec.from_dict(t["cell"]) for t in children]
+        load_dataset(cells[0].dataset, task.get("data_dir"))
+    except Exception as error:  # noqa: BLE001 - the whole group: data missing here, or a bad spec
+        bad = failure_of(error, environment=isinstance(error, DataError))
+        return {"key": key, "status": bad["status"], "outcomes": [{**bad, "key": t["key"], "worker": who} for t in children]}
+
+    def round_done(i: int, rnd: int, row: dict[str, Any]) -> None:
+        finished[i] = rnd
+        if report is not None:
+            report(children[i]["key"], rnd)
+
+    def cell_done(out) -> None:
+        i = out.index
+        if out.error is not None:
+            outcomes[i] = {"key": children[i]["key"], "worker": who, **failure_of(out.error)}
+        else:
+            outcomes[i] = {"key": children[i]["key"], "worker": who, **outcome_of(out.result)}
+
+    if _progress_queue is not None:
+        _progress_queue.put((key, 0))
+    timeout = task.get("timeout")
+    try:
+        with Alarm(timeout):
+            run_lockstep(cells, data_dir=task.get("data_dir"), device=task.get("device", "cpu"),
+                         trainer=task.get("trainer", "stacked"), on_round=round_done, on_finished=cell_done)
+    except CellTimeout as stop:
+        trace = "".join(traceback.format_exception(stop))
+        for i, child in enumerate(children):
+            if outcomes[i] is None:
+                outcomes[i] = {"key": child["key"], "worker": who, "status": "failed", "error": trace, "result": None,
+                               "message": timeout_message(timeout, timeout, finished.get(i)) + " (in a lockstep group)"}
+    stamp = versions()
+    for out in outcomes:
+        out["versions"] = stamp
+    return {"key": key, "status": "ok", "outcomes": outcomes}
 
 
 class CellTimeout(BaseException):

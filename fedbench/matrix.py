@@ -289,6 +289,11 @@ class Task:
     rounds: int
     payload: dict[str, Any]
     cell: MatrixCell | None = None  # None for a warm-up
+    children: list["Task"] | None = None  # a lockstep group: its cells' own tasks
+
+    def units(self) -> list["Task"]:
+        """What the store and the progress display see: the cells of a lockstep group, else the task."""
+        return self.children or [self]
 
 
 @dataclass
@@ -353,9 +358,14 @@ def run_matrix(
     retry_failed: bool = False,
     force: bool = False,
     cell_timeout: float | None = None,
+    lockstep: bool | None = None,
     progress: Progress | None = None,
 ) -> MatrixReport:
     """Run the cells :func:`plan` selects and record every outcome in ``store``.
+
+    ``lockstep`` (default: :func:`default_lockstep` for the device) runs cells that can share a
+    batch in groups (:func:`lockstep_tasks`, :mod:`fedbench.lockstep`); each cell is still recorded
+    on its own, as it finishes its group, and the store's ``worker`` says ``lockstep xN``.
 
     ``jobs`` (default: the number of cores) caps the cells in flight; with one, cells run in this
     process. ``cell_timeout`` (seconds, default none) stops a cell or warm-up that runs longer and
@@ -434,6 +444,8 @@ def run_matrix(
                 raise FedbenchError(f"the warm-up checkpoint {warm.hash()} in {store.path} cannot be read back; "
                                     "run the same command again to recompute it")
             tasks.append(_cell_task(mc, common, checkpoint))
+        if tasks and (default_lockstep(device) if lockstep is None else lockstep):
+            tasks = lockstep_tasks(tasks, backend.slots, LOCKSTEP_CELLS["cuda" if device.startswith("cuda") else "cpu"])
         for _task, _outcome in _drive(tasks, backend, store, progress):
             report.ran += 1
     except KeyboardInterrupt as error:
@@ -504,6 +516,54 @@ def verified_checkpoint(store: Store, key: str) -> bytes | None:
     return data
 
 
+#: The most cells one lockstep group holds, per device kind. The GPU figure follows the filed
+#: measurements (a round of 100 clients costs 4x one of 10 on an H200, so 10 cells of 10 clients
+#: are a long way from saturating it; 60 cells keep ~600 clients a step); on a CPU the stacked trainer
+#: works in chunks of 10 clients whatever the group, and memory grows with every cell's test copies.
+LOCKSTEP_CELLS = {"cpu": 20, "cuda": 60}
+
+
+def default_lockstep(device: str) -> bool:
+    """Whether a grid runs in lockstep unless told: on a GPU yes (its rounds are launch-bound, and
+    lockstep turns many small batches into few large ones; not yet measured on one); on a CPU no.
+    There benchmarks/test_lockstep.py measured 0.99x the cells per hour of one cell at a time under
+    the reference-code protocol and 2.0x under the paper's, each from one timed run on a loaded
+    2-core host (an earlier informal run of 8 paper cells gave 0.9x): not evidence enough to change
+    the default for every CPU user."""
+    return device.startswith("cuda")
+
+
+def lockstep_tasks(tasks: list[Task], slots: int, most: int) -> list[Task]:
+    """``tasks`` with the cells that can share a batch (:func:`fedbench.lockstep.group_key`, no warm
+    start) put into groups of at most ``most`` cells, and into at least ``slots`` groups where there
+    are enough cells, so every worker has a group. A group of one stays a plain cell task."""
+    import math
+
+    from fedbench.lockstep import group_key
+
+    by_key: dict[Any, list[Task]] = {}
+    out: list[Task] = []
+    for task in tasks:
+        if task.cell is None or task.payload.get("checkpoint") is not None:
+            out.append(task)
+        else:
+            by_key.setdefault(group_key(task.cell.cell), []).append(task)
+    for members in by_key.values():
+        pieces = max(math.ceil(len(members) / most), min(slots, len(members)))
+        size = math.ceil(len(members) / pieces)
+        for lo in range(0, len(members), size):
+            part = members[lo: lo + size]
+            if len(part) == 1:
+                out.append(part[0])
+                continue
+            key = "lockstep-" + hashlib.sha256("|".join(t.key for t in part).encode()).hexdigest()[:16]
+            payload = {k: v for k, v in part[0].payload.items() if k in ("data_dir", "device", "trainer", "timeout")}
+            payload.update(kind="group", key=key, tasks=[t.payload for t in part])
+            out.append(Task(key, f"lockstep group of {len(part)} cells", max(t.rounds for t in part), payload,
+                            None, part))
+    return out
+
+
 def _cell_task(mc: MatrixCell, common: dict[str, Any], checkpoint: bytes | None) -> Task:
     payload = {**common, "kind": "cell", "key": mc.key, "cell": mc.cell.to_dict(),
                "warmup_rounds": mc.warmup_rounds, "checkpoint": checkpoint}
@@ -541,13 +601,14 @@ def _drive(tasks: Sequence[Task], backend, store: Store, progress: Progress):
     while pending or inflight:
         while pending and len(inflight) < backend.slots:
             task = pending.popleft()
-            if task.key in handed:
-                progress.task_restarted(task)
-            else:
-                handed.add(task.key)
-                if task.cell is not None:
-                    store.start(task.key, task.payload["cell"], task.cell.warmup_rounds, task.cell.info())
-                progress.task_started(task)
+            for unit in task.units():
+                if unit.key in handed:
+                    progress.task_restarted(unit)
+                else:
+                    handed.add(unit.key)
+                    if unit.cell is not None:
+                        store.start(unit.key, unit.payload["cell"], unit.cell.warmup_rounds, unit.cell.info())
+                    progress.task_started(unit)
             inflight[backend.submit(task.payload)] = task
         done = backend.wait(list(inflight), timeout=0.2)
         for key, rnd in backend.progress():
@@ -567,22 +628,23 @@ def _drive(tasks: Sequence[Task], backend, store: Store, progress: Progress):
                 continue
             began.pop(task.key, None)
             last_round.pop(task.key, None)
-            if task.cell is not None:
-                store.finish(task.key, outcome)
-            progress.task_finished(task, outcome)
-            yield task, outcome
+            for unit, part in zip(task.units(), outcome["outcomes"] if task.children else [outcome]):
+                if unit.cell is not None:
+                    store.finish(unit.key, part)
+                progress.task_finished(unit, part)
+                yield unit, part
         if died:
             # A dead worker takes the whole process pool with it: every task in flight is lost. They
             # are marked interrupted (the next run re-runs them); this run goes on with a fresh pool.
             message = "a worker process died while it ran (killed, out of memory or crashed); re-run to resume"
             lost = list(inflight.values())
             inflight.clear()
-            store.interrupt([t.key for t in lost if t.cell is not None], message)
+            store.interrupt([u.key for t in lost for u in t.units() if u.cell is not None], message)
             backend.restart()
-            for task in lost:
-                outcome = {"key": task.key, "status": "interrupted", "message": message}
-                progress.task_finished(task, outcome)
-                yield task, outcome
+            for unit in (u for t in lost for u in t.units()):
+                outcome = {"key": unit.key, "status": "interrupted", "message": message}
+                progress.task_finished(unit, outcome)
+                yield unit, outcome
             continue
         if not kills or not inflight:
             continue
@@ -605,10 +667,12 @@ def _drive(tasks: Sequence[Task], backend, store: Store, progress: Progress):
                 last_round.pop(task.key, None)
                 pending.appendleft(task)
         for task, outcome in reversed(stopped):
-            if task.cell is not None:
-                store.finish(task.key, outcome)
-            progress.task_finished(task, outcome)
-            yield task, outcome
+            for unit in task.units():
+                part = {**outcome, "key": unit.key}
+                if unit.cell is not None:
+                    store.finish(unit.key, part)
+                progress.task_finished(unit, part)
+                yield unit, part
 
 
 def require_warm_start() -> None:

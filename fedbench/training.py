@@ -9,8 +9,9 @@ Two trainers produce the same updates (up to float rounding):
 * :class:`StackedTrainer` trains the clients of a round together with ``torch.func.vmap`` over
   stacked parameters, padding clients with fewer samples and masking the padding out of the loss.
 
-Randomness: each client has its own batch-order generator and its own defense-noise generator
-(:mod:`fedbench.rng`), so results do not depend on the order or grouping of clients.
+Randomness: each client has its own batch-order generator and its own defense key, from which client
+defenses draw noise with the counter-based generator of :mod:`fedbench.rng` (all clients of a batch
+in one computation), so results do not depend on the order or grouping of clients.
 
 SGD matches ``torch.optim.SGD``: ``buf = momentum * buf + g`` (``buf = g`` at the first step),
 ``W <- W - lr * buf``. Client defenses run after the optimizer step (``ClientDefense.after_step``)
@@ -85,12 +86,16 @@ class LocalSetup:
 
 @dataclass
 class ClientJob:
-    """One client's local training task."""
+    """One client's local training task.
+
+    ``defense_key`` keys the client's defense noise (:func:`fedbench.rng.random_bits`): the engine
+    gives ``derive_seed(seed, "defense", round, client)``; training without noise-drawing client
+    defenses (an attack's own) can leave it 0."""
 
     x: torch.Tensor
     y: torch.Tensor
     batch_gen: torch.Generator
-    defense_gen: torch.Generator | None = None
+    defense_key: int = 0
 
 
 def _batch_plan(job: ClientJob, setup: LocalSetup) -> list[list[torch.Tensor]]:
@@ -124,13 +129,33 @@ class Trainer:
         if not jobs:
             return global_flat.new_zeros((0, global_flat.numel()))
         updates = self._train(global_flat, jobs, setup, [d for d in defenses if d.per_step], objective)
-        gens = [job.defense_gen for job in jobs]
-        for defense in defenses:
-            updates = defense.on_update(updates, gens)
+        if defenses:
+            keys = _keys(jobs, global_flat.device)
+            for defense in defenses:
+                updates = defense.on_update(updates, keys)
         return updates
 
     def _train(self, global_flat, jobs, setup, step_defenses, objective) -> torch.Tensor:
         raise NotImplementedError
+
+    def train_groups(self, groups: Sequence[tuple[torch.Tensor, list[ClientJob], Sequence[ClientDefense]]],
+                     setup: LocalSetup) -> list[torch.Tensor]:
+        """Several cells' benign clients (:mod:`fedbench.lockstep`): each group is ``(its global
+        parameters [P], its jobs, its client defenses)``; returns each group's updates. Here one
+        group after another; the stacked trainer trains them all in one batch."""
+        return [self.train(start, jobs, setup, defenses=defenses) for start, jobs, defenses in groups]
+
+
+def _defense_key(defenses: Sequence[ClientDefense]) -> tuple:
+    """Equal for equal client-defense stacks (same components, same parameters): such groups share
+    one set of instances in a lockstep batch, which is why client defenses keep no state between
+    calls (docs/plugins.md)."""
+    return tuple((type(d), tuple(sorted(d.params().items()))) for d in defenses)
+
+
+def _keys(jobs: Sequence[ClientJob], device) -> torch.Tensor:
+    """The clients' defense keys ``[C]`` int64, on the device the noise is drawn on."""
+    return torch.tensor([job.defense_key for job in jobs], dtype=torch.int64, device=device)
 
 
 def _sgd_step(params, grads, bufs, setup: LocalSetup, active: torch.Tensor | None = None):
@@ -165,7 +190,7 @@ class LoopTrainer(Trainer):
         params = [p.unsqueeze(0).clone() for p in self.model.split(global_flat)]  # [1, *shape]
         bufs: list = [None] * len(params)
         active = torch.ones(1, dtype=torch.bool, device=global_flat.device)
-        defenses = _StepDefenses(step_defenses, self.model.is_weight, [job.defense_gen])
+        defenses = _StepDefenses(step_defenses, self.model.is_weight, [job], global_flat.device)
         for epoch, batches in enumerate(_batch_plan(job, setup)):
             defenses.new_epoch()  # WBC's memory is reset every epoch (reference section 3)
             for step, idx in enumerate(batches):
@@ -202,10 +227,50 @@ class StackedTrainer(Trainer):
         return GroupedForward.supports(model.module)
 
     def _train(self, global_flat, jobs, setup, step_defenses, objective):
+        starts = global_flat.expand(len(jobs), -1)
+        return self._train_rows(starts, jobs, setup, [list(step_defenses)], [0] * len(jobs), objective)
+
+    def train_groups(self, groups, setup):
+        """All groups' clients in one stacked batch (in chunks of :attr:`chunk`), each client from its
+        own group's global parameters, each group's per-step defenses on its own rows only."""
+        groups = [g for g in groups]
+        if not groups:
+            return []
+        starts, jobs, which, stacks, index = [], [], [], [], {}
+        for start, group_jobs, defenses in groups:
+            key = _defense_key(defenses)
+            if key not in index:
+                index[key] = len(stacks)
+                stacks.append(list(defenses))
+            starts.append(start.expand(len(group_jobs), -1))
+            jobs += group_jobs
+            which += [index[key]] * len(group_jobs)
+        if not jobs:
+            return [g[0].new_zeros((0, g[0].numel())) for g in groups]
+        starts_t = torch.cat(starts)
+        per_step = [[d for d in stack if d.per_step] for stack in stacks]
+        updates = self._train_rows(starts_t, jobs, setup, per_step, which, cross_entropy)
+        if not any(stacks):
+            return list(torch.split(updates, [len(g[1]) for g in groups]))
+        rows = torch.tensor(which, device=updates.device)
+        keys = _keys(jobs, updates.device)
+        for g, stack in enumerate(stacks):
+            if not stack:
+                continue
+            mine = torch.nonzero(rows == g).flatten()
+            part = updates[mine]
+            for defense in stack:
+                part = defense.on_update(part, keys[mine])
+            updates[mine] = part
+        return list(torch.split(updates, [len(g[1]) for g in groups]))
+
+    def _train_rows(self, starts, jobs, setup, stacks, which, objective):
+        """Train ``jobs`` from ``starts [C, P]`` in chunks; ``stacks[which[i]]`` are job i's per-step defenses."""
         out = []
-        for start in range(0, len(jobs), self.chunk):
-            out.append(self._train_chunk(global_flat, jobs[start : start + self.chunk], setup, step_defenses, objective))
-        return torch.cat(out) - global_flat
+        for lo in range(0, len(jobs), self.chunk):
+            hi = lo + self.chunk
+            out.append(self._train_chunk(starts[lo:hi], jobs[lo:hi], setup, stacks, which[lo:hi], objective))
+        return torch.cat(out) - starts
 
     def _gradients(self, objective):
         if objective is cross_entropy:
@@ -220,17 +285,17 @@ class StackedTrainer(Trainer):
         per_client = vmap(grad(lambda ps, x, y, w: objective(lambda inp: self.model.call(ps, inp), x, y, w)))
         return lambda params, x, y, w: list(per_client(params, x, y, w))
 
-    def _train_chunk(self, global_flat, jobs, setup, step_defenses, objective):
+    def _train_chunk(self, starts, jobs, setup, stacks, which, objective):
         c = len(jobs)
-        dev = global_flat.device
+        dev = starts.device
         plans = [_batch_plan(job, setup) for job in jobs]
-        params = [p.unsqueeze(0).repeat(c, *([1] * p.dim())) for p in self.model.split(global_flat)]
+        params = [p.clone() for p in self.model.split(starts)]  # [C, *shape]
         bufs: list = [None] * len(params)
         grads_of = self._gradients(objective)
         n_max = max(len(job.y) for job in jobs)
         xs = torch.stack([_pad_rows(job.x, n_max) for job in jobs])  # [C, n_max, ...]
         ys = torch.stack([_pad_rows(job.y, n_max) for job in jobs])
-        defenses = _StepDefenses(step_defenses, self.model.is_weight, [job.defense_gen for job in jobs])
+        defenses = _GroupStepDefenses(stacks, which, self.model.is_weight, jobs, dev)
         for epoch in range(setup.epochs):
             batches = [plan[epoch] for plan in plans]
             defenses.new_epoch()
@@ -246,10 +311,11 @@ class StackedTrainer(Trainer):
 
 class _StepDefenses:
     """Calls the per-step client defenses with this and the previous iteration's gradients and
-    updates (the memory FL-WBC needs; reset at every local epoch)."""
+    updates (the memory FL-WBC needs; reset at every local epoch) and the clients' defense keys."""
 
-    def __init__(self, defenses, is_weight, generators):
-        self.defenses, self.is_weight, self.generators = list(defenses), is_weight, generators
+    def __init__(self, defenses, is_weight, jobs, device):
+        self.defenses, self.is_weight = list(defenses), is_weight
+        self.keys = _keys(jobs, device) if self.defenses else None
         self.prev_grads = self.prev_updates = None
 
     def new_epoch(self) -> None:
@@ -261,12 +327,34 @@ class _StepDefenses:
         state = StepState(
             step=step, epoch=epoch, lr=lr, params=params, grads=grads, updates=updates,
             prev_grads=self.prev_grads, prev_updates=self.prev_updates, is_weight=self.is_weight,
-            generators=self.generators, active=active,
+            keys=self.keys, active=active,
         )
         with torch.no_grad():
             for defense in self.defenses:
                 defense.after_step(state)
         self.prev_grads, self.prev_updates = grads, updates
+
+
+class _GroupStepDefenses:
+    """The per-step defenses of a chunk whose rows may belong to different defense stacks (lockstep):
+    each stack acts on its own rows only, through ``active`` (a defense leaves inactive rows alone)."""
+
+    def __init__(self, stacks, which, is_weight, jobs, device):
+        present = sorted(set(which))
+        self.parts = []
+        for g in present:
+            if not stacks[g]:
+                continue
+            mask = None if len(present) == 1 else torch.tensor([w == g for w in which], device=device)
+            self.parts.append((_StepDefenses(stacks[g], is_weight, jobs, device), mask))
+
+    def new_epoch(self) -> None:
+        for part, _ in self.parts:
+            part.new_epoch()
+
+    def __call__(self, step, epoch, lr, params, grads, updates, active) -> None:
+        for part, mask in self.parts:
+            part(step, epoch, lr, params, grads, updates, active if mask is None else active & mask)
 
 
 class GroupedForward:

@@ -308,7 +308,7 @@ class CoordinateProjection:
             p.copy_(torch.where(keep, p, start))
             offset += n
 
-    def on_update(self, updates: torch.Tensor, generators) -> torch.Tensor:
+    def on_update(self, updates: torch.Tensor, keys) -> torch.Tensor:
         return updates
 
 

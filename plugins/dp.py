@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import fedbench
 from fedbench.components import NON_NEGATIVE, POSITIVE
-from fedbench.rng import laplace
+from fedbench.rng import laplace, laplace_keyed
 from fedbench.vectors import clip_to_norm
 
 
@@ -33,23 +33,24 @@ class LocalDP(fedbench.ClientDefense):
     """Local DP: each benign client clips its update to norm C and adds Laplace noise before upload.
 
     Noise (reference section 4, following Naseri et al. 2020): i.i.d. Laplace(0, b) per coordinate with
-    b = sigma * C / sqrt(2 d), d = number of parameters, so the noise norm is about sigma * C. Each
-    client draws from its own defense stream (``generators[i]`` for row i), so its noise does not
-    depend on which other clients train in the same batch.
+    b = sigma * C / sqrt(2 d), d = number of parameters, so the noise norm is about sigma * C. The
+    noise of all rows is one draw of the counter-based generator (:func:`fedbench.rng.laplace_keyed`,
+    counter ``("ldp",)``): row i's noise depends only on its client's defense key, not on which
+    other clients train in the same batch.
     """
 
     name: ClassVar[str] = "ldp"
     clip: float = fedbench.param(5.0, "L2 clip norm C of each client update", check=POSITIVE)
     sigma: float = fedbench.param(1.0, "noise-to-sensitivity ratio: noise norm is about sigma * C", check=NON_NEGATIVE)
 
-    def on_update(self, updates, generators):
+    def on_update(self, updates, keys):
         clipped = clip_to_norm(updates, self.clip)
         if self.sigma == 0:
             return clipped
+        if len(keys) != len(updates):
+            raise ValueError(f"ldp got {len(keys)} defense keys for {len(updates)} updates")
         b = laplace_scale(self.sigma, self.clip, updates.shape[1])
-        for row, gen in zip(clipped, generators, strict=True):
-            row.add_(laplace(row.shape, b, gen, dtype=row.dtype).to(row.device))
-        return clipped
+        return clipped.add_(laplace_keyed(keys.to(updates.device), ("ldp",), (updates.shape[1],), b, dtype=updates.dtype))
 
 
 @dataclass(kw_only=True)

@@ -132,7 +132,7 @@ class NullSpaceRegulariser:
             for p, part in zip(state.params, torch.split(step, sizes)):
                 p[c].add_(part.view_as(p[c]))
 
-    def on_update(self, updates: torch.Tensor, generators) -> torch.Tensor:
+    def on_update(self, updates: torch.Tensor, keys) -> torch.Tensor:
         return updates
 
 

@@ -99,14 +99,16 @@ class BoostedHonest(fedbench.Attack):
 
 @dataclass(kw_only=True)
 class NoisyUpload(fedbench.ClientDefense):
-    """Test defense: Gaussian noise on each update, from the client's own stream (and the global RNG)."""
+    """Test defense: Gaussian noise on each update, keyed by the client's defense key (and the global RNG)."""
 
     name: ClassVar[str] = "test-noise"
     scale: float = fedbench.param(0.01, "std of the added noise", check=NON_NEGATIVE)
 
-    def on_update(self, updates, generators):
+    def on_update(self, updates, keys):
+        from fedbench.rng import uniform
+
         torch.rand(7)  # a careless defense that also draws from torch's global stream
-        noise = torch.stack([torch.randn(updates.shape[1], generator=g, device=g.device) for g in generators])
+        noise = torch.special.ndtri(uniform(keys, ("test-noise",), (updates.shape[1],)))  # inverse normal CDF
         return updates + self.scale * noise
 
 
@@ -117,7 +119,7 @@ class ShrinkUpload(fedbench.ClientDefense):
     name: ClassVar[str] = "test-shrink"
     factor: float = fedbench.param(0.5, "factor on the updates", check=POSITIVE)
 
-    def on_update(self, updates, generators):
+    def on_update(self, updates, keys):
         return self.factor * updates
 
 

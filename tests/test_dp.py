@@ -10,7 +10,7 @@ import torch
 
 import fedbench
 from fedbench.components import ServerContext
-from fedbench.rng import laplace
+from fedbench.rng import laplace_keyed
 from fedbench_plugins.dp import CentralDP, LocalDP, clip_to_norm, laplace_scale
 
 D = 200_000  # parameters in the noise-scale tests: the empirical scales are then within ~0.5%
@@ -18,6 +18,11 @@ D = 200_000  # parameters in the noise-scale tests: the empirical scales are the
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def keys(*values: int) -> torch.Tensor:
+    """Clients' defense keys ``[C]`` int64."""
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def assert_laplace_scale(noise: torch.Tensor, b: float) -> None:
@@ -50,7 +55,7 @@ def test_clipped_norm_never_exceeds_c_on_random_updates():
 
 def test_ldp_with_sigma_zero_only_clips():
     updates = torch.tensor([[6.0, 8.0], [0.5, -0.5]])
-    out = LocalDP(clip=5.0, sigma=0.0).on_update(updates, [gen(0), gen(1)])
+    out = LocalDP(clip=5.0, sigma=0.0).on_update(updates, keys(0, 1))
     assert out[0].tolist() == pytest.approx([3.0, 4.0])
     assert torch.equal(out[1], updates[1])
 
@@ -71,7 +76,7 @@ def test_laplace_scale_makes_the_expected_noise_norm_sigma_times_sensitivity():
 
 
 def test_ldp_noise_is_laplace_with_scale_sigma_c_over_sqrt_2d():
-    out = LocalDP(clip=5.0, sigma=2.0).on_update(torch.zeros(1, D), [gen(7)])
+    out = LocalDP(clip=5.0, sigma=2.0).on_update(torch.zeros(1, D), keys(7))
     assert_laplace_scale(out[0], 2.0 * 5.0 / math.sqrt(2 * D))
     assert torch.linalg.vector_norm(out[0]).item() == pytest.approx(10.0, rel=0.05)
 
@@ -95,27 +100,39 @@ def test_cdp_noise_scale_follows_the_largest_normalised_weight():
 # --------------------------------------------------------------------------------------------------
 # Random streams and determinism
 # --------------------------------------------------------------------------------------------------
-def test_ldp_draws_each_clients_noise_from_its_own_generator():
+def test_ldp_draws_each_clients_noise_from_its_own_key():
     b = laplace_scale(1.0, 5.0, 100)
-    out = LocalDP(clip=5.0, sigma=1.0).on_update(torch.zeros(3, 100), [gen(11), gen(11), gen(12)])
-    assert torch.equal(out[0], laplace((100,), b, gen(11)))  # row i is exactly generators[i]'s draw
-    assert torch.equal(out[0], out[1])  # same stream, same noise
+    out = LocalDP(clip=5.0, sigma=1.0).on_update(torch.zeros(3, 100), keys(11, 11, 12))
+    assert torch.equal(out[0], laplace_keyed(keys(11), ("ldp",), (100,), b)[0])  # row i is exactly key i's draw
+    assert torch.equal(out[0], out[1])  # same key, same noise
     assert not torch.equal(out[0], out[2])  # different clients differ
 
 
 def test_ldp_noise_of_a_client_does_not_depend_on_the_other_clients():
-    alone = LocalDP(sigma=1.0).on_update(torch.zeros(1, 100), [gen(5)])
-    together = LocalDP(sigma=1.0).on_update(torch.zeros(3, 100), [gen(9), gen(8), gen(5)])
+    alone = LocalDP(sigma=1.0).on_update(torch.zeros(1, 100), keys(5))
+    together = LocalDP(sigma=1.0).on_update(torch.zeros(3, 100), keys(9, 8, 5))
     assert torch.equal(together[2], alone[0])
 
 
-def test_ldp_is_deterministic_for_fixed_generator_seeds():
+def test_ldp_noise_differs_from_the_wbc_noise_of_the_same_client():
+    """LDP's counter ("ldp",) is not WBC's ("wbc", epoch, step): a stack of both draws unrelated noise."""
+    ldp = LocalDP(sigma=1.0).on_update(torch.zeros(1, 1000), keys(5))[0]
+    wbc = laplace_keyed(keys(5), ("wbc", 0, 0), (1000,), laplace_scale(1.0, 5.0, 1000))[0]
+    assert abs(torch.corrcoef(torch.stack([ldp, wbc]))[0, 1].item()) < 0.1
+
+
+def test_ldp_is_deterministic_for_fixed_keys():
     updates = torch.randn(4, 300, generator=gen(0)) * 3
     ldp = LocalDP(clip=2.0, sigma=0.5)
-    first = ldp.on_update(updates, [gen(s) for s in range(4)])
-    second = ldp.on_update(updates, [gen(s) for s in range(4)])
+    first = ldp.on_update(updates, keys(*range(4)))
+    second = ldp.on_update(updates, keys(*range(4)))
     assert torch.equal(first, second)
     assert torch.equal(updates, torch.randn(4, 300, generator=gen(0)) * 3)  # input left untouched
+
+
+def test_ldp_needs_one_key_per_update():
+    with pytest.raises(ValueError, match="2 defense keys for 3 updates"):
+        LocalDP(sigma=1.0).on_update(torch.zeros(3, 10), keys(1, 2))
 
 
 def test_cdp_is_deterministic_for_a_fixed_generator_seed():

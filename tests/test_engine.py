@@ -160,7 +160,7 @@ def _synthetic_clients(shape, sizes, seed=0):
 
 
 def _jobs(data, round_=1):
-    return [ClientJob(x, y, batch_gen=generator(0, "train", round_, c), defense_gen=generator(0, "defense", round_, c))
+    return [ClientJob(x, y, batch_gen=generator(0, "train", round_, c), defense_key=fedbench.rng.derive_seed(0, "defense", round_, c))
             for c, (x, y) in enumerate(data)]
 
 
@@ -217,12 +217,12 @@ class JitterWeights(ClientDefense):
     per_step: ClassVar[bool] = True
 
     def after_step(self, state):
-        for p, is_weight in zip(state.params, state.is_weight):
+        for k, (p, is_weight) in enumerate(zip(state.params, state.is_weight)):
             if not is_weight:
                 continue
-            for i, g in enumerate(state.generators):
-                if state.active[i]:
-                    p[i] = 0.99 * p[i] + 0.01 * torch.randn(p.shape[1:], generator=g)
+            noise = fedbench.rng.uniform(state.keys, ("test-jitter", state.epoch, state.step, k), p.shape[1:]) - 0.5
+            active = state.active.view(-1, *[1] * (p.dim() - 1))
+            p.copy_(torch.where(active, 0.99 * p + 0.01 * noise, p))
 
 
 def test_loop_and_stacked_trainers_agree_with_a_per_step_defense():

@@ -2,11 +2,12 @@
 
 Per benign client and local SGD iteration i >= 1 of an epoch: a Hessian-diagonal proxy P (gradient
 difference g_i - g_(i-1) by default, update difference dW_i - dW_(i-1) with ``proxy=update``), a draw
-Y ~ Laplace(0, s) from the client's own defense stream, the mask |P| <= |Y| (|P| <= lr |Y| for the
-update proxy), and W <- W + lr * Y * mask on conv/linear weights only.
+Y ~ Laplace(0, s) keyed by the client's defense key and ("wbc", epoch, step), the mask |P| <= |Y|
+(|P| <= lr |Y| for the update proxy), and W <- W + lr * Y * mask on conv/linear weights only.
 
-The hand-built tests construct ``fedbench.StepState`` directly and recompute the expected draws from
-identically seeded generators with ``fedbench.rng.laplace``; nothing here is copied from a run.
+The hand-built tests construct ``fedbench.StepState`` directly and recompute the expected draws one
+client at a time with ``fedbench.rng.laplace_keyed`` (the client's weight tensors laid end to end);
+nothing here is copied from a run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import fedbench
 from fedbench import rng
 from fedbench.models import FmnistCNN
-from fedbench.rng import laplace
+from fedbench.rng import laplace_keyed
 from fedbench.training import ClientJob, FlatModel, LocalSetup, LoopTrainer, StackedTrainer
 from fedbench_plugins.poison import Poison
 from fedbench_plugins.wbc import WBC
@@ -28,18 +29,18 @@ C = 2  # clients in the hand-built steps
 #: (shape without the client axis, is_weight): a linear weight, its bias, a conv weight, its bias.
 #: Biases sit between weights so that a bias that consumed draws would shift every later weight's noise.
 LAYOUT = [((3, 5), True), ((3,), False), ((4, 2, 2, 2), True), ((4,), False)]
-SEEDS = (11, 12)  # the defense stream of client 0 and client 1
+KEYS = (rng.derive_seed(0, "defense", 1, 0), rng.derive_seed(0, "defense", 1, 1))  # client 0 and client 1
 
 
-def gens(seeds=SEEDS) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]
+def keys_of(keys=KEYS) -> torch.Tensor:
+    return torch.tensor(keys, dtype=torch.int64)
 
 
 def rand(shape, seed, scale=1.0):
     return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def hand_state(*, lr=0.1, proxy_scale=1.0, prev=True, active=(True, True), seeds=SEEDS, updates=None,
+def hand_state(*, lr=0.1, proxy_scale=1.0, prev=True, active=(True, True), keys=KEYS, updates=None,
                prev_updates=None) -> fedbench.StepState:
     """A step of C=2 clients with known tensors.
 
@@ -62,7 +63,7 @@ def hand_state(*, lr=0.1, proxy_scale=1.0, prev=True, active=(True, True), seeds
     return fedbench.StepState(
         step=1 if prev else 0, epoch=0, lr=lr, params=params, grads=grads, updates=updates,
         prev_grads=prev_grads if prev else None, prev_updates=prev_updates if prev else None,
-        is_weight=[w for _, w in LAYOUT], generators=gens(seeds), active=torch.tensor(active),
+        is_weight=[w for _, w in LAYOUT], keys=keys_of(keys), active=torch.tensor(active),
     )
 
 
@@ -70,12 +71,18 @@ def clone(tensors):
     return [t.clone() for t in tensors]
 
 
-def expected_noise(s, seeds=SEEDS) -> list[list[torch.Tensor]]:
-    """Per client, the Laplace draws of its weight tensors in order (biases draw nothing)."""
+def expected_noise(s, keys=KEYS, epoch=0, step=1) -> list[list[torch.Tensor]]:
+    """Per client, drawn alone: the Laplace draws of its weight tensors, which take consecutive
+    elements of one draw in layout order (biases take none)."""
+    total = sum(math.prod(shape) for shape, w in LAYOUT if w)
     out = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(seed)
-        out.append([laplace(shape, s, g) if w else None for shape, w in LAYOUT])
+    for key in keys:
+        flat = laplace_keyed(keys_of([key]), ("wbc", epoch, step), (total,), s)[0]
+        row, offset = [], 0
+        for shape, w in LAYOUT:
+            row.append(flat[offset : offset + math.prod(shape)].view(shape) if w else None)
+            offset += math.prod(shape) if w else 0
+        out.append(row)
     return out
 
 
@@ -147,33 +154,31 @@ def test_the_first_step_of_an_epoch_changes_nothing():
         assert torch.equal(a, b)
 
 
-def test_an_inactive_client_is_untouched_and_consumes_no_draws():
+def test_an_inactive_client_is_untouched_and_the_active_one_gets_its_own_noise():
     s, lr = 0.4, 0.1
     state = hand_state(lr=lr, active=(True, False))
     before = clone(state.params)
-    idle_state = state.generators[1].get_state().clone()
     WBC(s=s).after_step(state)
     for k in range(len(LAYOUT)):
         assert torch.equal(state.params[k][1], before[k][1])
-    assert torch.equal(state.generators[1].get_state(), idle_state)
-    # the active client gets exactly what it would get with both clients active
+    # the active client gets exactly what it would get alone, or with both clients active
     noise = expected_noise(s)
     for k in (0, 2):
         mask = (state.grads[k][0] - state.prev_grads[k][0]).abs() <= noise[0][k].abs()
         assert_perturbed_exactly(before[k][0], state.params[k][0], noise[0][k], mask, lr)
 
 
-def test_each_client_draws_from_its_own_stream():
-    """Swapping the clients' generators swaps their noise: client c's draw depends on its stream only."""
+def test_each_client_draws_from_its_own_key():
+    """Swapping the clients' keys swaps their noise: client c's draw depends on its key only."""
     s = 0.4
     a = hand_state(proxy_scale=0.0)
-    b = hand_state(proxy_scale=0.0, seeds=SEEDS[::-1])
+    b = hand_state(proxy_scale=0.0, keys=KEYS[::-1])
     before = clone(a.params)
     WBC(s=s).after_step(a)
     WBC(s=s).after_step(b)
     torch.testing.assert_close(b.params[0][0] - before[0][0], a.params[0][1] - before[0][1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(b.params[0][1] - before[0][1], a.params[0][0] - before[0][0], rtol=1e-5, atol=1e-7)
-    expected = expected_noise(s, SEEDS[::-1])
+    expected = expected_noise(s, KEYS[::-1])
     torch.testing.assert_close(b.params[0][0] - before[0][0], a.lr * expected[0][0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(b.params[0][1] - before[0][1], a.lr * expected[1][0], rtol=1e-5, atol=1e-7)
 
@@ -231,7 +236,7 @@ def test_with_momentum_the_two_proxies_differ_in_training():
     flat = model.flatten()
 
     def run(proxy, momentum):
-        job = ClientJob(x, y, batch_gen=rng.generator(0, "train", 1, 0), defense_gen=rng.generator(0, "defense", 1, 0))
+        job = ClientJob(x, y, batch_gen=rng.generator(0, "train", 1, 0), defense_key=rng.derive_seed(0, "defense", 1, 0))
         setup = LocalSetup(epochs=2, batch_size=8, lr=0.1, momentum=momentum)
         return LoopTrainer(model).train(flat, [job], setup, defenses=[WBC(s=0.4, proxy=proxy)])
 
@@ -249,7 +254,7 @@ def test_the_perturbation_is_laplace_with_scale_s(s):
     state = fedbench.StepState(
         step=1, epoch=0, lr=1.0, params=[torch.zeros(C, n)], grads=[torch.ones(C, n)],
         updates=[-torch.ones(C, n)], prev_grads=[torch.ones(C, n)], prev_updates=[-torch.ones(C, n)],
-        is_weight=[True], generators=gens(), active=torch.tensor([True, True]),
+        is_weight=[True], keys=keys_of(), active=torch.tensor([True, True]),
     )
     WBC(s=s).after_step(state)
     for c in range(C):
@@ -257,7 +262,7 @@ def test_the_perturbation_is_laplace_with_scale_s(s):
         assert y.abs().mean().item() == pytest.approx(s, rel=0.05)
         assert y.std().item() == pytest.approx(math.sqrt(2) * s, rel=0.05)
         assert abs(y.mean().item()) < 0.05 * s
-    assert not torch.equal(state.params[0][0], state.params[0][1])  # independent client streams
+    assert not torch.equal(state.params[0][0], state.params[0][1])  # independent client noise
 
 
 @pytest.mark.parametrize("text, name", [("wbc:s=0", "s"), ("wbc:s=-0.4", "s"), ("wbc:proxy=foo", "proxy")])
@@ -279,7 +284,9 @@ def test_defaults_are_the_papers_headline_strength_and_the_codes_proxy():
 # --------------------------------------------------------------------------------------------------
 def assert_trainers_agree_with_wbc(module, input_shape, proxy):
     """Loop and stacked trainers, three clients of unequal sizes, momentum, two epochs, WBC on:
-    the same updates within 1e-4; and WBC really acted (far from the unperturbed updates)."""
+    the same updates within 1e-4 -- also with the stacked trainer's chunks of one and of two, and
+    with the three clients trained in one batch among eight others (their noise must not depend on
+    their batch-mates); and WBC really acted (far from the unperturbed updates)."""
     model = FlatModel(module)
     flat = model.flatten()
     sizes = (6, 3, 7)  # batch 2: 3, 2 and 4 steps per epoch (the last ones partial); the middle client sits out steps
@@ -287,14 +294,19 @@ def assert_trainers_agree_with_wbc(module, input_shape, proxy):
             for c, n in enumerate(sizes)]
     setup = LocalSetup(epochs=2, batch_size=2, lr=0.05, momentum=0.5)
 
-    def jobs():
-        return [ClientJob(x, y, batch_gen=rng.generator(3, "train", 1, c), defense_gen=rng.generator(3, "defense", 1, c))
-                for c, (x, y) in enumerate(data)]
+    def jobs(clients=range(len(sizes))):
+        return [ClientJob(*data[c % len(data)], batch_gen=rng.generator(3, "train", 1, c), defense_key=rng.derive_seed(3, "defense", 1, c))
+                for c in clients]
 
     wbc = [WBC(s=0.4, proxy=proxy)]
     loop = LoopTrainer(model).train(flat, jobs(), setup, defenses=wbc)
     stacked = StackedTrainer(model).train(flat, jobs(), setup, defenses=wbc)
     assert (stacked - loop).abs().max().item() < 1e-4
+    for chunk in (1, 2):
+        chunked = StackedTrainer(model, chunk=chunk).train(flat, jobs(), setup, defenses=wbc)
+        assert (chunked - loop).abs().max().item() < 1e-4
+    crowd = StackedTrainer(model, chunk=11).train(flat, jobs([5, 0, 6, 7, 1, 8, 9, 2, 10, 3, 4]), setup, defenses=wbc)
+    assert (crowd[[1, 4, 7]] - loop).abs().max().item() < 1e-4
     plain = StackedTrainer(model).train(flat, jobs(), setup)
     assert (stacked - plain).abs().max().item() > 1e-3
 

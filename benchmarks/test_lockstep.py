@@ -1,0 +1,109 @@
+"""Lockstep vs one cell at a time (issue 13).
+
+Targets: on a CPU lockstep is no slower than one cell at a time under either protocol (12-cell
+Fashion-MNIST grid); on a GPU lockstep gives >= 10x the cells per hour at 60 cells, and the FL-WBC
+paper's figure-3 grid (poison with one image vs fedavg, wbc:s=0.4, cma, ctma at three betas; both
+protocols; IID and non-IID; 3 seeds; 50 rounds) runs in <= 10 minutes. The GPU benchmarks skip
+without CUDA: they are ready to run on a machine that has one (``pytest benchmarks/test_lockstep.py -s``).
+
+Both variants run in this process on the same cells (run_lockstep vs run_cell one after another), the
+data loaded once, interleaved, best of the repeats; ratios are cells per hour, lockstep / alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.conftest import best_times, report
+from fedbench.data import load_dataset
+from fedbench.engine import run_cell
+from fedbench.lockstep import run_lockstep
+from fedbench.spec import make_cell
+
+DEFENSES = ("fedavg", "wbc:s=0.4", "cma", "ctma:beta=0.1", "ctma:beta=0.2", "ctma:beta=0.3")
+
+
+def _data_dir() -> str:
+    candidates = [os.environ.get("FEDBENCH_DATA_DIR"), str(Path(__file__).resolve().parents[2] / "shared" / "datasets")]
+    found = next((c for c in candidates if c and (Path(c) / "FashionMNIST" / "raw").is_dir()), None)
+    if found is None:
+        pytest.skip("needs the Fashion-MNIST files (FEDBENCH_DATA_DIR or ../shared/datasets)")
+    return found
+
+
+def _grid(n: int, protocol: str, rounds: int, **kw):
+    """``n`` cells of the figure-3 kind: poison (one image) and the clean run against the fig-3 defenses."""
+    cells = []
+    seed = 0
+    while len(cells) < n:
+        for attack in ("poison", "none"):
+            for defense in DEFENSES:
+                if len(cells) < n:
+                    cells.append(make_cell(attack=attack, defense=defense, dataset="fmnist", protocol=protocol,
+                                           rounds=rounds, seed=seed, attack_rounds=(2,) if attack == "poison" else None,
+                                           **kw))
+        seed += 1
+    return cells
+
+
+def _compare(benchmark, title, cells, data_dir, device, repeats=2):
+    load_dataset(cells[0].dataset, data_dir)
+    times = best_times({
+        "alone": lambda: [run_cell(c, data_dir=data_dir, device=device) for c in cells],
+        "lockstep": lambda: run_lockstep(cells, data_dir=data_dir, device=device),
+    }, repeats=repeats)
+    return report(benchmark, title, times, {"cells_per_hour lockstep/alone": ("alone", "lockstep")})
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("protocol", ["paper", "reference-code"])
+def test_cpu_lockstep_vs_one_cell_at_a_time(benchmark, protocol):
+    """12 Fashion-MNIST cells, 2 rounds, on a quarter (paper) or a tenth (reference code: 480 local
+    steps of batch 10 a round in full, 4-15 s on this CPU) of each client's data, so that the
+    comparison fits in minutes on 2 cores; one timed repeat after a warm-up."""
+    data_dir = _data_dir()
+    frac = 0.25 if protocol == "paper" else 0.1
+    cells = _grid(12, protocol, 2, client_data_frac=frac)
+    _compare(benchmark, f"12 fmnist cells, {protocol} protocol, CPU", cells, data_dir, "cpu", repeats=1)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("n", [12, 60])
+@pytest.mark.parametrize("protocol", ["paper", "reference-code"])
+def test_gpu_lockstep_vs_one_cell_at_a_time(benchmark, n, protocol):
+    data_dir = _data_dir()
+    cells = _grid(n, protocol, 5)
+    _compare(benchmark, f"{n} fmnist cells, {protocol} protocol, GPU", cells, data_dir, "cuda", repeats=1)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+@needs_cuda
+@pytest.mark.timeout(3600)
+def test_gpu_figure3_grid_wall_time(benchmark, tmp_path):
+    """The figure-3 grid through the matrix (lockstep is the GPU default), into a store."""
+    from fedbench.matrix import expand, run_matrix
+    from fedbench.store import Store
+
+    data_dir = _data_dir()
+    cells = []
+    for protocol in ("paper", "reference-code"):
+        cells += expand(attacks=["poison"], defenses=list(DEFENSES), seeds=[0, 1, 2], datasets=["fmnist"],
+                        partitions=["iid", "shards"], protocol=protocol, rounds=50)
+    start = time.perf_counter()
+    with Store.open(tmp_path / "fig3.db") as store:
+        result = run_matrix(cells, store, jobs=1, data_dir=data_dir, device="cuda")
+    seconds = time.perf_counter() - start
+    assert result.count("ok") == len(cells)
+    report(benchmark, f"figure-3 grid, {len(cells)} cells x 50 rounds, GPU", {"grid": seconds, "budget": 600.0},
+           {"grid/10min": ("grid", "budget")})
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -1,0 +1,168 @@
+"""Lockstep: cells advanced round by round together, their benign clients trained in one stacked batch,
+give the per-round metrics of one cell at a time; faults stay with their cell; the matrix records
+lockstep cells exactly as others."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import fedbench
+from fedbench.engine import run_cell
+from fedbench.errors import FedbenchError
+from fedbench.lockstep import group_key, run_lockstep
+from fedbench.spec import make_cell
+
+# Float32 rounding: a client's minibatch can be padded to another width when it shares a chunk with
+# other cells' clients; its padded slots weigh exactly 0, but the sums run in another order. Over a
+# few rounds that stays within 1e-4 of the metrics, far below one test image of the accuracy (1/1797).
+TOL = 1e-4
+
+GRID = [
+    ("poison", "fedavg"), ("poison", "wbc"), ("backdoor", "cma+wbc"), ("none", "ldp"), ("alie", "krum:f=2"),
+    ("signflip", "fltrust"), ("poison:adaptive=true", "cc"), ("none", "fedavg"),
+]
+
+
+def cells(rounds=4, **kw):
+    out = []
+    for seed in (0, 1):
+        for attack, defense in GRID:
+            malicious = 2 if "krum" in defense else None
+            out.append(make_cell(attack=attack, defense=defense, dataset="digits", rounds=rounds, seed=seed,
+                                 attack_rounds=tuple(r for r in (2, 3) if r <= rounds), num_malicious=malicious, **kw))
+    return out
+
+
+def assert_same_rows(a, b):
+    assert [r["round"] for r in a] == [r["round"] for r in b]
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], abs=TOL), (k, ra["round"])
+            else:
+                assert ra[k] == rb[k]
+
+
+def test_lockstep_gives_the_per_round_metrics_of_one_cell_at_a_time():
+    grid = cells()
+    together = run_lockstep(grid)
+    assert all(o.error is None for o in together), [str(o.error) for o in together if o.error]
+    for cell, out in zip(grid, together):
+        alone = run_cell(cell)
+        assert out.result.status == alone.status
+        assert_same_rows(out.result.rounds, alone.rounds)
+        assert [m.rounds for m in out.result.mitigation] == [m.rounds for m in alone.mitigation]
+        assert torch.allclose(out.result.final_params, alone.final_params, atol=1e-4)
+
+
+def test_cells_of_different_lengths_leave_the_group_when_they_are_done():
+    short = make_cell(attack="poison", defense="wbc", dataset="digits", rounds=2, attack_rounds=(2,))
+    long = make_cell(attack="poison", defense="wbc", dataset="digits", rounds=5, attack_rounds=(2,), seed=3)
+    finished = []
+    outs = run_lockstep([long, short], on_finished=lambda o: finished.append(o.cell))
+    assert finished == [short, long]
+    assert [len(o.result.rounds) for o in outs] == [5, 2]
+    assert_same_rows(outs[0].result.rounds, run_cell(long).rounds)
+
+
+@dataclass(kw_only=True)
+class Explodes(fedbench.Attack):
+    """Raises in its first adversarial round."""
+
+    name: ClassVar[str] = "explodes-test"
+
+    def malicious_updates(self, rnd):
+        raise RuntimeError("explodes: boom")
+
+
+@dataclass(kw_only=True)
+class BrokenDefense(fedbench.ClientDefense):
+    """A client defense that raises inside the shared training."""
+
+    name: ClassVar[str] = "broken-defense-test"
+    per_step: ClassVar[bool] = True
+
+    def after_step(self, state):
+        raise ValueError("broken defense")
+
+
+class _Plugin:
+    @fedbench.hookimpl
+    def register_attacks(self, register):
+        register(Explodes)
+
+    @fedbench.hookimpl
+    def register_defenses(self, register):
+        register(BrokenDefense)
+
+
+@pytest.fixture
+def faulty_plugins():
+    fedbench.register_plugin(_Plugin(), name="lockstep-faults")
+    yield
+    fedbench.unregister_plugin("lockstep-faults")
+
+
+def test_a_cell_that_raises_fails_alone_and_the_others_finish_with_their_numbers(faulty_plugins):
+    good = cells(rounds=3)[:3]
+    bad_attack = make_cell(attack="explodes-test", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,))
+    bad_defense = make_cell(attack="none", defense="broken-defense-test", dataset="digits", rounds=3)
+    outs = run_lockstep([good[0], bad_attack, good[1], bad_defense, good[2]])
+    assert "explodes: boom" in str(outs[1].error) and outs[1].rounds_done == [1]
+    assert "broken defense" in str(outs[3].error) and outs[3].rounds_done == []
+    for cell, out in zip(good, (outs[0], outs[2], outs[4])):
+        assert out.error is None
+        assert_same_rows(out.result.rounds, run_cell(cell).rounds)
+
+
+def test_cells_that_cannot_share_a_batch_are_refused():
+    a = make_cell(attack="poison", dataset="digits", rounds=2)
+    b = make_cell(attack="poison", dataset="digits", rounds=2, batch_size=16)
+    assert group_key(a) != group_key(b)
+    with pytest.raises(FedbenchError, match="lockstep needs cells of one dataset, model and local-training setup"):
+        run_lockstep([a, b])
+
+
+def test_lockstep_noise_of_wbc_is_the_clients_own():
+    """The same client gets the same WBC noise alone and in a batch with other cells' clients: the
+    final parameters of a wbc cell agree whether it runs with 15 other cells or alone."""
+    grid = cells(rounds=2)
+    wbc = [i for i, c in enumerate(grid) if c.defense.client]
+    outs = run_lockstep(grid)
+    for i in wbc:
+        alone = run_cell(grid[i])
+        assert math.isclose(float(outs[i].result.final_params.sum()), float(alone.final_params.sum()), abs_tol=1e-3)
+
+
+def test_a_lockstep_matrix_stores_the_numbers_of_a_plain_one_and_says_how_it_ran(tmp_path):
+    from click.testing import CliRunner
+
+    from fedbench.cli import main
+    from fedbench.store import Store
+
+    grid = ["matrix", "--attacks", "poison,backdoor", "--defenses", "wbc,cma", "--seeds", "0,1", "--rounds", "3",
+            "--attack-rounds", "2", "--quiet"]
+    stores = {}
+    for mode, jobs in (("--lockstep", "2"), ("--no-lockstep", "1"), ("--lockstep", "1")):
+        path = tmp_path / f"{mode}{jobs}.db"
+        result = CliRunner().invoke(main, [*grid, mode, "--jobs", jobs, "--store", str(path)])
+        assert result.exit_code == 0, result.output
+        with Store.read(path) as store:
+            cells = {c.key: c for c in store.cells()}
+            stores[mode, jobs] = (sorted(store.rounds(list(cells))), {k: c.status for k, c in cells.items()},
+                                  {k: store.provenance(k)["worker"] for k in cells})
+    plain_rounds, plain_status, plain_workers = stores["--no-lockstep", "1"]
+    assert len(plain_status) == 18 and set(plain_status.values()) == {"ok"}
+    assert not any("lockstep" in w for w in plain_workers.values())
+    for key in (("--lockstep", "2"), ("--lockstep", "1")):
+        rounds, status, workers = stores[key]
+        assert status == plain_status
+        assert [r[:3] for r in rounds] == [r[:3] for r in plain_rounds]
+        assert all(abs(a[3] - b[3]) <= TOL for a, b in zip(rounds, plain_rounds) if a[3] is not None)
+        assert all(" lockstep x" in w for w in workers.values())
