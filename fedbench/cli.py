@@ -160,6 +160,29 @@ def scenario_options(f):
     return f
 
 
+def grid_run_options(f):
+    """Options shared by matrix and reproduce: how a grid runs and what it prints."""
+    options = [
+        click.option("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                     help="Stop a cell (or warm-up) still running after this many seconds and record it failed; the "
+                          "other cells go on [default: no timeout]. Timed from when its data is loaded; a re-run "
+                          "skips it unless --retry-failed."),
+        click.option("--lockstep/--no-lockstep", default=None,
+                     help="Advance cells that share dataset, model and local setup round by round together, their "
+                          "clients trained in one batch [default: on with --device cuda, off on a CPU, where it "
+                          "measured no faster reliably]."),
+        click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed (the cell itself raised)."),
+        click.option("--force", is_flag=True, help="Re-run every cell, finished or not."),
+        click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+                     help="Also write the leaderboard as CSV."),
+        click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing."),
+        click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 SCENARIO_KEYS = ("attack_prob", "num_clients", "num_malicious", "clients_per_round", "local_epochs",
                  "batch_size", "lr", "momentum", "client_data_frac")
 
@@ -416,18 +439,7 @@ def _config_text(key: str, val: Any, path: str) -> str:
 @click.option("--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
               help="process: local worker processes; ray: Ray tasks (pip install 'fedbench-suite[ray]').")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
-@click.option("--cell-timeout", type=float, default=None, metavar="SECONDS",
-              help="Stop a cell (or warm-up) still running after this many seconds and record it failed; the "
-                   "other cells go on [default: no timeout]. Timed from when its data is loaded; a re-run skips "
-                   "it unless --retry-failed.")
-@click.option("--lockstep/--no-lockstep", default=None,
-              help="Advance cells that share dataset, model and local setup round by round together, their clients "
-                   "trained in one batch [default: on with --device cuda, off on a CPU, where it measured no faster].")
-@click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed (the cell itself raised).")
-@click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
-@click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
-@click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
+@grid_run_options
 def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, ray_address, cell_timeout, lockstep,
            retry_failed, force, csv_path, dry_run, quiet, **opts) -> None:
     """Run a grid of cells (attacks x defense stacks x seeds, plus the clean and undefended reference
@@ -472,18 +484,7 @@ def matrix(attacks, defenses, seeds, warmup_rounds, store_path, jobs, executor, 
               help="Where datasets live (default: $FEDBENCH_DATA_DIR, else ~/.cache/fedbench).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--trainer", type=click.Choice(["stacked", "loop"]), default="stacked", show_default=True)
-@click.option("--cell-timeout", type=float, default=None, metavar="SECONDS",
-              help="Stop a cell (or warm-up) still running after this many seconds and record it failed; the "
-                   "other cells go on [default: no timeout]. Timed from when its data is loaded; a re-run skips "
-                   "it unless --retry-failed.")
-@click.option("--lockstep/--no-lockstep", default=None,
-              help="Advance cells that share dataset, model and local setup round by round together, their clients "
-                   "trained in one batch [default: on with --device cuda, off on a CPU, where it measured no faster].")
-@click.option("--retry-failed", is_flag=True, help="Also re-run cells recorded as failed.")
-@click.option("--force", is_flag=True, help="Re-run every cell, finished or not.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the leaderboard as CSV.")
-@click.option("--dry-run", is_flag=True, help="List the cells and their stored status; run nothing.")
-@click.option("--quiet", is_flag=True, help="No progress display (the leaderboard is still printed).")
+@grid_run_options
 def reproduce(name, list_presets, describe, quick, rounds, seeds, dataset, protocols, store_path, jobs, data_dir, device,
               trainer, cell_timeout, lockstep, retry_failed, force, csv_path, dry_run, quiet) -> None:
     """Run one of the FL-WBC paper's experiments (a preset grid shipped with fedbench) under both
