@@ -153,6 +153,16 @@ class Component:
 
     @classmethod
     def param_info(cls) -> tuple[ParamInfo, ...]:
+        """The parameters of this component class, computed once per class: resolving the type hints
+        cost ~2 ms a call, about 12% of a small digits cell, which builds its components every run."""
+        cached = cls.__dict__.get("_param_info")
+        if cached is None:
+            cached = cls._compute_param_info()
+            setattr(cls, "_param_info", cached)
+        return cached
+
+    @classmethod
+    def _compute_param_info(cls) -> tuple[ParamInfo, ...]:
         if not dataclasses.is_dataclass(cls):
             return ()
         hints = typing.get_type_hints(cls)
