@@ -707,8 +707,14 @@ def _ray_execute(task, plugins):
     torch.set_num_threads(1)
     problem = load_plugins(plugins)
     if problem is not None:
-        outcome = {"key": task["key"], "status": "failed", "message": problem, "error": "", "result": None}
+        failed = {"status": "failed", "message": problem, "error": "", "result": None}
+        outcome = {"key": task["key"], **failed}
+        if task["kind"] == "group":
+            outcome["outcomes"] = [{"key": t["key"], **failed} for t in task["tasks"]]
     else:
         outcome = execute(task)
-    outcome["worker"] = f"{worker_id()} (Ray node {ray.get_runtime_context().get_node_id()})"
+    node = f"(Ray node {ray.get_runtime_context().get_node_id()})"
+    outcome["worker"] = f"{worker_id()} {node}"
+    for part in outcome.get("outcomes", ()):  # a lockstep group: each cell says where it ran, and how
+        part["worker"] = f"{part.get('worker') or worker_id()} {node}"
     return outcome

@@ -166,3 +166,27 @@ def test_a_lockstep_matrix_stores_the_numbers_of_a_plain_one_and_says_how_it_ran
         assert [r[:3] for r in rounds] == [r[:3] for r in plain_rounds]
         assert all(abs(a[3] - b[3]) <= TOL for a, b in zip(rounds, plain_rounds) if a[3] is not None)
         assert all(" lockstep x" in w for w in workers.values())
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="ray is not installed")
+def test_lockstep_groups_run_as_ray_tasks_with_the_same_numbers(tmp_path):
+    import subprocess
+    import sys
+
+    from fedbench.store import Store
+
+    grid = ["matrix", "--attacks", "poison", "--defenses", "wbc", "--seeds", "0,1", "--rounds", "3",
+            "--attack-rounds", "2", "--quiet"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}
+    runs = {}
+    for name, extra in (("ray", ["--executor", "ray", "--lockstep", "--jobs", "2"]), ("plain", ["--jobs", "1"])):
+        path = tmp_path / f"{name}.db"
+        done = subprocess.run([sys.executable, "-m", "fedbench", *grid, *extra, "--store", str(path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with Store.read(path) as store:
+            keys = [c.key for c in store.cells()]
+            runs[name] = (sorted(store.rounds(keys)), {k: store.provenance(k)["worker"] for k in keys})
+    assert [r[:3] for r in runs["ray"][0]] == [r[:3] for r in runs["plain"][0]]
+    assert all(abs(a[3] - b[3]) <= TOL for a, b in zip(runs["ray"][0], runs["plain"][0]) if a[3] is not None)
+    assert all(" lockstep x" in w and "(Ray node " in w for w in runs["ray"][1].values())
