@@ -42,14 +42,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fedbench.errors import FedbenchError
+
 METRICS = ("aep",)
 PROBE_SIZE = 256
 
 
 def check_metrics(names) -> tuple[str, ...]:
     """The optional metrics asked for, validated (a :class:`FedbenchError` names the known ones)."""
-    from fedbench.errors import FedbenchError
-
     out = []
     for name in names or ():
         if name not in METRICS:

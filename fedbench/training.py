@@ -233,7 +233,7 @@ class StackedTrainer(Trainer):
     def train_groups(self, groups, setup):
         """All groups' clients in one stacked batch (in chunks of :attr:`chunk`), each client from its
         own group's global parameters, each group's per-step defenses on its own rows only."""
-        groups = [g for g in groups]
+        groups = list(groups)
         if not groups:
             return []
         starts, jobs, which, stacks, index = [], [], [], [], {}
