@@ -259,7 +259,7 @@ class CellRun:
     def _finish(self, rnd: int, benign_ids: list[int], malicious_ids: list[int], benign_updates: torch.Tensor,
                 t0: float) -> dict[str, Any]:
         sc, seed, dev, model, attack = self.cell.scenario, self.cell.seed, self.device, self.model, self.attack
-        global_flat, server, parts, train_x, train_y = self.global_params, self.server, self.parts, self.train_x, self.train_y
+        global_flat, server, train_x, train_y = self.global_params, self.server, self.train_x, self.train_y
         updates = benign_updates
         weights = self.sizes[torch.tensor(malicious_ids + benign_ids, device=dev)]
         ctx = ServerContext(
@@ -272,13 +272,14 @@ class CellRun:
                 self.trainer, global_flat, self.setup, train_x[self.root], train_y[self.root], seed, rnd),
         )
         if malicious_ids:
+            train_malicious = _malicious_trainer(self.trainer, global_flat, self.setup, seed, rnd, malicious_ids)
             malicious = attack.malicious_updates(
                 MaliciousRound(
                     round=rnd,
                     global_params=global_flat,
                     client_ids=tuple(malicious_ids),
-                    client_data=[(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids],
-                    train=_malicious_trainer(self.trainer, global_flat, self.setup, seed, rnd, malicious_ids),
+                    client_data=self._data_of(malicious_ids),
+                    train=train_malicious,
                     forward=lambda flat, x: model.forward(flat)(x),
                     generator=rng.generator(seed, "attack", rnd),
                     benign_updates=benign_updates if attack.omniscient else None,
@@ -295,8 +296,8 @@ class CellRun:
         clean_step, aep_train, aep_eval = None, 0.0, 0.0
         if self.tracker is not None and malicious_ids:  # before the real call: the oracle copies the server's state
             t_aep = time.perf_counter()
-            honest = _malicious_trainer(self.trainer, global_flat, self.setup, seed, rnd, malicious_ids)(
-                [(train_x[parts[c]], train_y[parts[c]]) for c in malicious_ids])
+            # fresh copies of the clients' data: the attack may have changed the ones it was given
+            honest = train_malicious(self._data_of(malicious_ids))
             clean_step = _server_oracle(server, weights, ctx, seed, rnd)(torch.cat([honest, benign_updates]))
             aep_train = time.perf_counter() - t_aep
         t1 = time.perf_counter()
@@ -328,6 +329,10 @@ class CellRun:
         if not math.isfinite(loss) or not bool(torch.isfinite(global_flat).all()):
             self.status, self.message = "diverged", f"non-finite loss or parameters in round {rnd}"
         return row
+
+    def _data_of(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each client's training data ``(x, y)`` (copies: indexing gathers)."""
+        return [(self.train_x[self.parts[c]], self.train_y[self.parts[c]]) for c in ids]
 
     def result(self) -> RunResult:
         """What the run produced so far (all of it once :attr:`done`)."""

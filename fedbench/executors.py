@@ -71,10 +71,7 @@ def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = 
 
     key = task["key"]
     if _worker_error is not None:
-        failed = {"status": "failed", "message": _worker_error, "error": "", "result": None, "worker": worker_id()}
-        if task["kind"] == "group":
-            return {"key": key, "status": "failed", "outcomes": [{**failed, "key": t["key"]} for t in task["tasks"]]}
-        return {"key": key, **failed}
+        return refused(task, _worker_error)
     report = on_round
     if report is None and _progress_queue is not None:
         queue = _progress_queue
@@ -119,6 +116,16 @@ def execute(task: dict[str, Any], on_round: Callable[[str, int], None] | None = 
     except Exception as error:  # noqa: BLE001 - a failing cell must not stop the matrix
         outcome.update(failure_of(error, environment=isinstance(error, DataError) and not loaded))
     outcome["versions"] = versions()
+    return outcome
+
+
+def refused(task: dict[str, Any], problem: str) -> dict[str, Any]:
+    """The outcome of a task this worker cannot run at all (a plugin it could not load): ``failed``
+    with ``problem``, for the task and, in a lockstep group, for every cell of it."""
+    failed = {"status": "failed", "message": problem, "error": "", "result": None, "worker": worker_id()}
+    outcome = {**failed, "key": task["key"]}
+    if task["kind"] == "group":
+        outcome["outcomes"] = [{**failed, "key": t["key"]} for t in task["tasks"]]
     return outcome
 
 
@@ -706,13 +713,7 @@ def _ray_execute(task, plugins):
 
     torch.set_num_threads(1)
     problem = load_plugins(plugins)
-    if problem is not None:
-        failed = {"status": "failed", "message": problem, "error": "", "result": None}
-        outcome = {"key": task["key"], **failed}
-        if task["kind"] == "group":
-            outcome["outcomes"] = [{"key": t["key"], **failed} for t in task["tasks"]]
-    else:
-        outcome = execute(task)
+    outcome = refused(task, problem) if problem is not None else execute(task)
     node = f"(Ray node {ray.get_runtime_context().get_node_id()})"
     outcome["worker"] = f"{worker_id()} {node}"
     for part in outcome.get("outcomes", ()):  # a lockstep group: each cell says where it ran, and how
