@@ -670,8 +670,10 @@ def leaderboard(store_path, fmt, output, show_ci, vs) -> None:
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="The image file; its extension chooses the format: .png, .svg or .pdf.")
 @click.option("--metric", default=None,
-              help="rounds: the per-round metric [default: success; e.g. accuracy, loss]. heatmap: score (the "
-                   "attack's score term, accuracy x (1 - success avg)) [default], success_avg or accuracy.")
+              help="rounds: the per-round metric [default: success; e.g. accuracy, loss]. tradeoff: "
+                   "mitigation_avg (each run's mean over its attacks) [default] or mitigation_max (its longest "
+                   "attack). heatmap: score (the attack's score term, accuracy x (1 - success avg)) [default], "
+                   "success_avg or accuracy.")
 @click.option("--attack", default=None, help="rounds: only this attack's panel [default: one panel per attack].")
 @click.option("--setting", default=None, metavar="KEY",
               help="The setting to plot, by its key or a unique prefix of it. A store can hold several settings "
@@ -679,7 +681,10 @@ def leaderboard(store_path, fmt, output, show_ci, vs) -> None:
                    "on stderr. fedbench report draws every setting.")
 @click.option("--band", type=click.Choice(["std", "minmax"]), default="std", show_default=True,
               help="rounds: the band around the mean over seeds: mean ± one sample std, or min to max.")
-def plot(store_path, kind, out_path, metric, attack, setting, band) -> None:
+@click.option("--seed", type=int, default=None,
+              help="rounds: draw this seed's cells alone (its own attack rounds, no band), as the paper's "
+                   "figures do; seeds with different attack schedules blur each other's spikes in a mean.")
+def plot(store_path, kind, out_path, metric, attack, setting, band, seed) -> None:
     """Draw a figure of a result store (nothing is re-run).
 
     The rounds plot marks adversarial rounds with dashed lines (fainter when only some seeds attack
@@ -688,7 +693,7 @@ def plot(store_path, kind, out_path, metric, attack, setting, band) -> None:
     from fedbench import plots
 
     fig, (key, label), every = plots.store_figure(store_path, kind, metric=metric, attack=attack, setting=setting,
-                                                  band=band)
+                                                  band=band, seed=seed)
     plots.save(fig, out_path)
     click.echo(f"{kind} plot of setting {key} ({label}) written to {out_path}", err=True)
     if setting is None and len(every) > 1:

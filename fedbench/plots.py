@@ -11,10 +11,13 @@ matplotlib is imported only here, and only when a figure is drawn, so ``import f
   (``band="std"``) or the min-max range (``band="minmax"``). Adversarial rounds are vertical dashed
   lines; when seeds have different schedules, each round is drawn with an opacity proportional to
   the share of seeds for which it is adversarial. For ``success``, the 0.5 mitigation threshold is
-  a dotted horizontal line.
-* :func:`tradeoff_figure` -- clean benign accuracy (x) against attack-mitigation rounds (y, mean over
-  attacks and seeds), one labelled point per defense stack; a hollow marker is a censored mean, i.e.
-  a lower bound.
+  a dotted horizontal line. A band of a bounded metric (a fraction or a probability) is clipped to
+  [0, 1]: mean ± std can leave the range the metric lives in, its seeds never do. Seeds of the
+  paper's protocol have different attack schedules, so their mean smears one seed's spike over
+  rounds where others are benign; ``seed=`` draws one seed alone, as the paper's figures do.
+* :func:`tradeoff_figure` -- clean benign accuracy (x) against attack-mitigation rounds (y: each
+  run's mean or longest, then the mean over attacks and seeds), one labelled point per defense
+  stack; a hollow marker is a censored mean, i.e. a lower bound.
 * :func:`heatmap_figure` -- defense stacks x attacks, each cell the attack's term of the robustness
   score, accuracy x (1 - success avg), averaged over seeds (``value="score"``), or the mean
   ``success_avg`` or ``accuracy``; values written in the cells.
@@ -32,12 +35,15 @@ from fedbench.errors import FedbenchError
 KINDS = ("rounds", "tradeoff", "heatmap")
 BANDS = ("std", "minmax")
 HEATMAP_VALUES = ("score", "success_avg", "accuracy")
+TRADEOFF_VALUES = ("mitigation_avg", "mitigation_max")
 FORMATS = (".png", ".svg", ".pdf")
 THRESHOLD = 0.5
 #: One panel's size in inches, and the font size in points.
 PANEL = (6.4, 4.0)
 FONT = 9
 
+#: Per-round metrics that live in [0, 1]; their bands are clipped to it.
+BOUNDED = frozenset({"success", "accuracy", "confidence", "misclassification"})
 _UNITS = {
     "success": "attack success (fraction)",
     "accuracy": "benign accuracy (fraction of test set)",
@@ -100,11 +106,17 @@ def run_rounds(result) -> pd.DataFrame:
 # Per-round curves
 # --------------------------------------------------------------------------------------------------
 def rounds_figure(rounds: pd.DataFrame, *, metric: str = "success", attack: str | None = None,
-                  band: str = "std", title: str | None = None):
+                  band: str = "std", seed: int | None = None, title: str | None = None):
     """Per-round ``metric`` (see the module docstring); ``rounds`` as from
-    :func:`fedbench.leaderboard.rounds_frame` (one setting) or :func:`run_rounds`."""
+    :func:`fedbench.leaderboard.rounds_frame` (one setting) or :func:`run_rounds`; ``seed`` keeps
+    that seed's cells only."""
     if band not in BANDS:
         raise FedbenchError(f"unknown band '{band}'; use one of {', '.join(BANDS)}")
+    if seed is not None:
+        present = sorted(set(rounds["seed"]))
+        if seed not in present:
+            raise FedbenchError(f"no cell of seed {seed} in this setting; its seeds: {', '.join(map(str, present))}")
+        rounds = rounds[rounds["seed"] == seed]
     if metric not in rounds.columns or rounds[metric].isna().all():
         known = sorted(c for c in rounds.columns if c not in ("key", "setting", "dataset", "partition", "attack", "defense",
                                                               "seed", "warmup_rounds", "status", "round", "adversarial"))
@@ -120,6 +132,7 @@ def rounds_figure(rounds: pd.DataFrame, *, metric: str = "success", attack: str 
     fig = _figure(PANEL[0] * ncols, PANEL[1] * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     defenses = list(dict.fromkeys(rounds["defense"]))
+    defenses.sort(key=lambda d: d != "fedavg")  # the undefended reference first (stable otherwise)
     colors = {d: f"C{i % 10}" for i, d in enumerate(defenses)}
     for ax in axes[len(attacks):]:
         ax.set_visible(False)
@@ -137,17 +150,20 @@ def rounds_figure(rounds: pd.DataFrame, *, metric: str = "success", attack: str 
                     low, high = mean - std, mean + std
                 else:
                     low, high = per_round.min(), per_round.max()
+                if metric in BOUNDED:
+                    low, high = low.clip(0.0, 1.0), high.clip(0.0, 1.0)
                 ax.fill_between(mean.index, low.values, high.values, color=colors[defense], alpha=0.2, linewidth=0)
         if metric == "success":
             ax.axhline(THRESHOLD, color="0.3", linestyle=":", linewidth=1, label="0.5 threshold", gid="threshold")
         spread = ((f"mean ± std over {len(seeds)} seeds" if band == "std" else
-                   f"mean, band min–max over {len(seeds)} seeds") if len(seeds) > 1 else "one seed")
+                   f"mean, band min–max over {len(seeds)} seeds") if len(seeds) > 1 else f"seed {seeds[0]}")
         ax.set_title(f"{name}: {metric} per round ({spread})", fontsize=FONT + 1)
         ax.set_xlabel("communication round", fontsize=FONT)
         ax.set_ylabel(metric_label(metric), fontsize=FONT)
         ax.xaxis.get_major_locator().set_params(integer=True)
         _style(ax)
-        ax.legend(fontsize=FONT - 1, loc="best")
+        # beside the axes: with half a dozen defenses a legend inside hides the curves it names
+        ax.legend(fontsize=FONT - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title, fontsize=FONT)
     return fig
@@ -175,11 +191,16 @@ def _attacks_of(board: pd.DataFrame) -> list[str]:
     return [c[: -len("/status")] for c in board.columns if c.endswith("/status") and not board[c].isna().all()]
 
 
-def tradeoff_figure(board: pd.DataFrame, *, title: str | None = None):
+def tradeoff_figure(board: pd.DataFrame, *, value: str = "mitigation_avg", title: str | None = None):
     """Clean benign accuracy against attack-mitigation rounds, one point per defense stack; ``board``
-    is one setting of :func:`fedbench.leaderboard.build`."""
+    is one setting of :func:`fedbench.leaderboard.build`. ``value``: ``mitigation_avg`` (each run's
+    mean over its attacks) or ``mitigation_max`` (each run's longest attack: "mitigates within k
+    rounds", the paper's wording, is a statement about the maximum); either is then averaged over
+    attacks and seeds."""
+    if value not in TRADEOFF_VALUES:
+        raise FedbenchError(f"unknown tradeoff value '{value}'; use one of {', '.join(TRADEOFF_VALUES)}")
     attacks = _attacks_of(board)
-    cols = [f"{a}/mitigation_avg_mean" for a in attacks]
+    cols = [f"{a}/{value}_mean" for a in attacks]
     if not cols or board[cols].isna().all().all():
         raise FedbenchError("no attack-mitigation rounds to plot: the setting has no attack that reports a success metric")
     fig = _figure(*PANEL)
@@ -190,7 +211,7 @@ def tradeoff_figure(board: pd.DataFrame, *, title: str | None = None):
         if not values or _nan(r["clean_accuracy_mean"]):
             continue
         y = sum(values) / len(values)
-        lower = any(bool(r.get(f"{a}/mitigation_avg_censored")) for a in attacks if not _nan(r[f"{a}/mitigation_avg_mean"]))
+        lower = any(bool(r.get(f"{a}/{value}_censored")) for a in attacks if not _nan(r[f"{a}/{value}_mean"]))
         ax.plot([r["clean_accuracy_mean"]], [y], marker="o", markersize=7, linestyle="none", color="C0",
                 markerfacecolor="none" if lower else "C0", gid="censored" if lower else "exact",
                 label=("lower bound (censored)" if not censored else "_nolegend_") if lower
@@ -199,7 +220,8 @@ def tradeoff_figure(board: pd.DataFrame, *, title: str | None = None):
         ax.annotate(str(r["defense"]), (r["clean_accuracy_mean"], y), textcoords="offset points", xytext=(5, 4),
                     fontsize=FONT - 1)
     ax.set_xlabel("clean benign accuracy (fraction of test set; mean over seeds)", fontsize=FONT)
-    ax.set_ylabel("attack-mitigation rounds (rounds; mean over attacks, seeds)", fontsize=FONT)
+    per_run = "each run's mean over its attacks" if value == "mitigation_avg" else "each run's longest attack"
+    ax.set_ylabel(f"attack-mitigation rounds ({per_run};\nmean over seeds)", fontsize=FONT)
     ax.set_title("accuracy vs. attack mitigation (right and low is better)", fontsize=FONT + 1)
     ax.margins(0.15)
     _style(ax)
@@ -272,7 +294,7 @@ def heatmap_figure(values: pd.DataFrame, *, value: str = "score", title: str | N
 # From a store, and saving
 # --------------------------------------------------------------------------------------------------
 def store_figure(store_path, kind: str, *, metric: str | None = None, attack: str | None = None,
-                 setting: str | None = None, band: str = "std"):
+                 setting: str | None = None, band: str = "std", seed: int | None = None):
     """``(figure, (setting key, setting label), every setting)`` of one kind for one setting of a store."""
     from fedbench import leaderboard as lb
     from fedbench.store import Store
@@ -284,22 +306,24 @@ def store_figure(store_path, kind: str, *, metric: str | None = None, attack: st
         key, label = pick_setting(cells, setting)
         keys = list(cells.loc[cells["setting_key"] == key, "key"])
         rounds = lb.rounds_frame(store, keys) if kind == "rounds" else None
-    return figure_of(kind, cells[cells["setting_key"] == key], rounds, metric=metric, attack=attack, band=band), \
-        (key, label), settings(cells)
+    return figure_of(kind, cells[cells["setting_key"] == key], rounds, metric=metric, attack=attack, band=band,
+                     seed=seed), (key, label), settings(cells)
 
 
 def figure_of(kind: str, cells: pd.DataFrame, rounds: pd.DataFrame | None, *, metric: str | None = None,
-              attack: str | None = None, band: str = "std"):
+              attack: str | None = None, band: str = "std", seed: int | None = None):
     """A figure of one setting's cells (and, for ``rounds``, their per-round metrics)."""
     from fedbench import leaderboard as lb
 
     if kind == "rounds":
-        return rounds_figure(rounds, metric=metric or "success", attack=attack, band=band)
+        return rounds_figure(rounds, metric=metric or "success", attack=attack, band=band, seed=seed)
+    if seed is not None:
+        raise FedbenchError(f"--seed is for the rounds plot; the {kind} plot summarises every seed")
     board = lb.build(cells)
     if attack is not None:
         raise FedbenchError(f"--attack is for the rounds plot; the {kind} plot shows every attack")
     if kind == "tradeoff":
-        return tradeoff_figure(board)
+        return tradeoff_figure(board, value=metric or "mitigation_avg")
     return heatmap_figure(heatmap_values(cells, board, metric or "score"), value=metric or "score")
 
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from fedbench import leaderboard as lb
 from fedbench import plots
 from fedbench.cli import main
+from fedbench.errors import FedbenchError
 from fedbench.store import Store
 from result_stores import fill_two_seeds, put
 
@@ -80,6 +81,34 @@ def test_adversarial_rounds_that_differ_across_seeds_are_drawn_by_their_share():
     assert "adversarial round (opacity: share of seeds)" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
+def test_one_seed_is_drawn_alone_with_its_own_attack_rounds_and_no_band():
+    rows = [{"key": f"k{seed}", "setting": "s", "attack": "poison", "defense": d, "seed": seed, "round": r,
+             "adversarial": r == adv, "success": 0.1 * r + seed} for seed, adv in ((0, 2), (1, 3))
+            for d in ("wbc", "fedavg") for r in (1, 2, 3, 4)]
+    ax = plots.rounds_figure(pd.DataFrame(rows), seed=1).axes[0]
+    assert ax.get_title() == "poison: success per round (seed 1)"
+    assert [int(line.get_xdata()[0]) for line in lines(ax, "adversarial")] == [3]
+    assert not ax.collections
+    # fedavg, the undefended reference, comes first whatever the store's order
+    assert [line.get_label() for line in lines(ax, "defense")] == ["fedavg", "wbc"]
+    assert list(lines(ax, "defense")[0].get_ydata()) == pytest.approx([1.1, 1.2, 1.3, 1.4])
+    with pytest.raises(FedbenchError, match="no cell of seed 7 in this setting; its seeds: 0, 1"):
+        plots.rounds_figure(pd.DataFrame(rows), seed=7)
+
+
+def test_the_band_of_a_fraction_stays_inside_zero_and_one():
+    # seeds at 0 and 1: mean ± std is 0.5 ± 0.71, which a fraction can never reach
+    rows = [{"key": f"k{seed}", "setting": "s", "attack": "poison", "defense": "fedavg", "seed": seed, "round": r,
+             "adversarial": r == 2, "success": float(seed)} for seed in (0, 1) for r in (1, 2, 3)]
+    ax = plots.rounds_figure(pd.DataFrame(rows)).axes[0]
+    (band,) = ax.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(0.0) and ys.max() == pytest.approx(1.0)
+    loss = pd.DataFrame(rows).rename(columns={"success": "loss"})
+    (unbounded,) = plots.rounds_figure(loss, metric="loss").axes[0].collections
+    assert unbounded.get_paths()[0].vertices[:, 1].min() < -0.2
+
+
 def test_tradeoff_plot_draws_a_labelled_point_per_defense_hollow_when_censored(censored_store):
     fig, _, _ = plots.store_figure(censored_store, "tradeoff")
     (ax,) = fig.axes
@@ -90,6 +119,22 @@ def test_tradeoff_plot_draws_a_labelled_point_per_defense_hollow_when_censored(c
     assert list(hollow.get_xdata()) == pytest.approx([0.85]) and list(hollow.get_ydata()) == [2.0]  # fedavg: >=2 rounds
     assert list(filled.get_xdata()) == pytest.approx([0.83]) and list(filled.get_ydata()) == [1.0]
     assert {"lower bound (censored)", "mean (exact)"} == {t.get_text() for t in ax.get_legend().get_texts()}
+
+
+def test_tradeoff_of_the_longest_attack_reads_each_runs_maximum(tmp_path):
+    # one run, two attacks: gone after 1 round and after 3 (both exact); avg 2, max 3
+    with Store.open(tmp_path / "runs.db") as store:
+        put(store, "none", "fedavg", 0, 0.9)
+        put(store, "poison", "fedavg", 0, 0.8, success=[0.1, 0.9, 0.2, 0.1], mitigation=[(1, False), (3, False)])
+    ys = {}
+    for value in ("mitigation_avg", "mitigation_max"):
+        ax = plots.store_figure(tmp_path / "runs.db", "tradeoff", metric=value)[0].axes[0]
+        (point,) = lines(ax, "exact")
+        ys[value] = list(point.get_ydata())
+        assert ("longest attack" in ax.get_ylabel()) == (value == "mitigation_max")
+    assert ys == {"mitigation_avg": [2.0], "mitigation_max": [3.0]}
+    with pytest.raises(FedbenchError, match="unknown tradeoff value 'peak'; use one of mitigation_avg, mitigation_max"):
+        plots.store_figure(tmp_path / "runs.db", "tradeoff", metric="peak")
 
 
 def test_heatmap_annotates_each_defense_and_attack_with_its_score_term(censored_store):
@@ -117,6 +162,11 @@ def test_plot_command_writes_png_or_svg_by_the_extension(real_store, tmp_path):
     missing = CliRunner().invoke(main, ["plot", "--store", str(real_store), "--metric", "nope", "--out",
                                         str(tmp_path / "x.png")])
     assert missing.exit_code == 2 and "no cell reports the metric 'nope'" in missing.output
+    one = CliRunner().invoke(main, ["plot", "--store", str(real_store), "--seed", "2", "--out", str(tmp_path / "s.png")])
+    assert one.exit_code == 0 and (tmp_path / "s.png").read_bytes().startswith(PNG)
+    wrong = CliRunner().invoke(main, ["plot", "--store", str(real_store), "--kind", "heatmap", "--seed", "2", "--out",
+                                      str(tmp_path / "h.png")])
+    assert wrong.exit_code == 2 and "--seed is for the rounds plot" in wrong.output
 
 
 def test_a_store_with_several_settings_plots_the_first_and_names_the_others(tmp_path):
