@@ -8,11 +8,13 @@ the undefended round, under the paper's protocol and under the authors' code's.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import best_times, jobs, report
+from fedbench import rng
 from fedbench.metrics import AUTO_SUBSET, evaluate
 from fedbench.training import ClientJob, LocalSetup, LoopTrainer, StackedTrainer
 
@@ -75,6 +77,21 @@ def _keyed_jobs(x, y, n=None):
     return [ClientJob(x[i, :n], y[i, :n], torch.Generator().manual_seed(i), defense_key=1000 + i) for i in range(len(x))]
 
 
+def _with_compiled_noise(fn):
+    """``fn`` run with ``--compile`` (the defense-noise hash fused by torch.compile)."""
+    def call():
+        before = os.environ.get(rng.COMPILE_ENV)
+        os.environ[rng.COMPILE_ENV] = "1"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ[rng.COMPILE_ENV]
+            else:
+                os.environ[rng.COMPILE_ENV] = before
+    return call
+
+
 def test_wbc_overhead(benchmark, fmnist_round):
     import fedbench
 
@@ -85,8 +102,10 @@ def test_wbc_overhead(benchmark, fmnist_round):
     times = best_times({
         "undefended": lambda: stacked.train(g, _keyed_jobs(x, y), PAPER),
         "wbc": lambda: stacked.train(g, _keyed_jobs(x, y), PAPER, defenses=wbc),
+        "wbc --compile": _with_compiled_noise(lambda: stacked.train(g, _keyed_jobs(x, y), PAPER, defenses=wbc)),
     }, repeats=5)
-    report(benchmark, "paper round with wbc:s=0.4", times, {"wbc/undefended": ("wbc", "undefended")})
+    report(benchmark, "paper round with wbc:s=0.4", times, {"wbc/undefended": ("wbc", "undefended"),
+                                                             "wbc --compile/undefended": ("wbc --compile", "undefended")})
     benchmark.pedantic(lambda: stacked.train(g, _keyed_jobs(x, y), PAPER, defenses=wbc), rounds=1, iterations=1)
 
 
@@ -102,9 +121,11 @@ def test_wbc_overhead_reference_code(benchmark, fmnist_round):
     times = best_times({
         "undefended": lambda: stacked.train(g, _keyed_jobs(x, y, 480), REFERENCE_CODE),
         "wbc": lambda: stacked.train(g, _keyed_jobs(x, y, 480), REFERENCE_CODE, defenses=wbc),
+        "wbc --compile": _with_compiled_noise(
+            lambda: stacked.train(g, _keyed_jobs(x, y, 480), REFERENCE_CODE, defenses=wbc)),
     }, repeats=3)
     report(benchmark, "reference-code round with wbc:s=0.4 (batch 10, momentum 0.5; 2 of 10 epochs)", times,
-           {"wbc/undefended": ("wbc", "undefended")})
+           {"wbc/undefended": ("wbc", "undefended"), "wbc --compile/undefended": ("wbc --compile", "undefended")})
     benchmark.pedantic(lambda: stacked.train(g, _keyed_jobs(x, y, 480), REFERENCE_CODE, defenses=wbc), rounds=1, iterations=1)
 
 

@@ -513,7 +513,7 @@ class RayTasks:
         self._ray = ray
         self._owned = not ray.is_initialized()
         if self._owned:
-            env = {k: v for k, v in os.environ.items() if k in ("FEDBENCH_PLUGINS", "FEDBENCH_DATA_DIR")}
+            env = {k: v for k, v in os.environ.items() if k in ("FEDBENCH_PLUGINS", "FEDBENCH_DATA_DIR", "FEDBENCH_COMPILE")}
             options = {"include_dashboard": False, "log_to_driver": False,
                        "runtime_env": {"env_vars": env} if env else None}
             target = address or os.environ.get("RAY_ADDRESS")  # what ray.init(address=None) attaches to

@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
+import warnings
 
 import torch
 
@@ -108,6 +110,68 @@ def _row_words(keys: torch.Tensor, counter: tuple) -> tuple[torch.Tensor, torch.
     return a, b
 
 
+#: Set (to anything but "" or "0") to fuse the integer hash into one kernel with ``torch.compile``
+#: (``--compile`` on the command line sets it; worker processes inherit it).
+COMPILE_ENV = "FEDBENCH_COMPILE"
+
+
+def enable_compile() -> None:
+    """Fuse the hash of client-defense noise with ``torch.compile`` in this process and the workers it
+    starts from now on (see :func:`_fused`)."""
+    os.environ[COMPILE_ENV] = "1"
+
+
+def compile_enabled() -> bool:
+    return os.environ.get(COMPILE_ENV, "") not in ("", "0")
+
+
+def _words(index: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fmix32(((index XOR a) + b) mod 2^32): the words of :func:`random_bits`."""
+    return _fmix32_((index ^ a).add_(b).bitwise_and_(_M32))
+
+
+def _laplace_parts(index: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    """``(v, z)`` of :func:`laplace_keyed`: z = the word's top 25 bits - 2^24, v = k 2^-24. Both exact."""
+    z = _words(index, a, b).bitwise_right_shift_(7).sub_(1 << 24).to(dtype)
+    return torch.maximum(z + 1, z.neg()).mul_(2.0**-24), z
+
+
+_COMPILED: dict = {}
+
+
+def _fused(fn):
+    """``fn`` itself, or with :data:`COMPILE_ENV` set its ``torch.compile`` d version.
+
+    Why: each torch operation of the hash is a pass over memory (and on a GPU a kernel launch); the
+    hash is 13 of them, and for WBC they run at every local step. Fused, the integer part is one
+    pass, 3-4x faster on a CPU thread (benchmarks/README.md). Only integer operations and exact
+    float conversions are fused, so the compiled kernel gives the same numbers bit for bit as the
+    plain one (tests/test_counter_noise.py) and results do not depend on the flag; the logarithm of
+    the Laplace transform stays a plain torch op, whose rounding a fused one need not share. The
+    price is compilation, seconds per worker process (cached on disk by torch across runs); if
+    compiling fails (no C++ compiler on a CPU), one warning and the plain kernels."""
+    if not compile_enabled():
+        return fn
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        compiled = _COMPILED[fn] = _fallback(fn, torch.compile(fn, dynamic=None))
+    return compiled
+
+
+def _fallback(fn, compiled):
+    def call(*args):
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - a compiler problem, not a wrong input: the plain kernel is exact
+            warnings.warn(f"fedbench: torch.compile of the defense-noise hash failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); using the plain kernels",
+                          RuntimeWarning, stacklevel=3)
+            _COMPILED[fn] = fn
+            return fn(*args)
+
+    return call
+
+
 def random_bits(keys: torch.Tensor, counter: tuple, n: int) -> torch.Tensor:
     """Random 32-bit words ``[C, n]`` (int64, in [0, 2^32)): row c is a function of ``keys[c]``,
     ``counter`` and the element index only.
@@ -121,8 +185,7 @@ def random_bits(keys: torch.Tensor, counter: tuple, n: int) -> torch.Tensor:
     if not 0 < n <= _M32:
         raise ValueError(f"random_bits draws 1 to 2^32 - 1 elements per row, not {n}")
     a, b = _row_words(keys, counter)
-    h = _scrambled_index(n, a.device) ^ a  # [C, n]
-    return _fmix32_(h.add_(b).bitwise_and_(_M32))
+    return _fused(_words)(_scrambled_index(n, a.device), a, b)  # [C, n]
 
 
 def uniform(keys: torch.Tensor, counter: tuple, shape, *, dtype=torch.float32) -> torch.Tensor:
@@ -149,6 +212,9 @@ def laplace_keyed(keys: torch.Tensor, counter: tuple, shape, scale: float, *, dt
     is exactly symmetric. The logarithm is the one floating-point step: CPU and GPU agree on it to an
     ulp or so, not always bit for bit."""
     shape = tuple(shape)
-    z = random_bits(keys, counter, math.prod(shape)).bitwise_right_shift_(7).sub_(1 << 24).to(dtype)
-    v = torch.maximum(z + 1, z.neg()).mul_(2.0**-24)
+    n = math.prod(shape)
+    if not 0 < n <= _M32:
+        raise ValueError(f"laplace_keyed draws 1 to 2^32 - 1 elements per row, not {n}")
+    a, b = _row_words(keys, counter)
+    v, z = _fused(_laplace_parts)(_scrambled_index(n, a.device), a, b, dtype)
     return torch.copysign(v.log_(), z, out=v).mul_(scale).view(-1, *shape)

@@ -13,6 +13,7 @@ batch of 300 -- which is what lets the loop, stacked and lockstep trainers agree
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -220,6 +221,51 @@ def test_wbc_moves_a_client_the_same_alone_in_10_and_in_300_whatever_the_others_
 
 
 # --------------------------------------------------------------------------------------------------
+# Fused with torch.compile (--compile)
+# --------------------------------------------------------------------------------------------------
+def draws(batch):
+    return (random_bits(batch, ("wbc", 1, 4), 3000), uniform(batch, ("wbc", 1, 4), (30, 100)),
+            laplace_keyed(batch, ("wbc", 1, 4), (30, 100), 0.4))
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.setenv(rng.COMPILE_ENV, "1")
+    monkeypatch.setattr(rng, "_COMPILED", {})
+
+
+def test_the_compiled_hash_gives_the_plain_numbers_bit_for_bit(monkeypatch):
+    batch = batch_with(KEY, 10, 6)
+    plain = draws(batch), draws(keys(KEY))
+    monkeypatch.setenv(rng.COMPILE_ENV, "1")
+    monkeypatch.setattr(rng, "_COMPILED", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the plain kernels would pass unseen
+        fused = draws(batch), draws(keys(KEY))  # two client counts: the second call recompiles for it
+    assert set(rng._COMPILED) == {rng._words, rng._laplace_parts}
+    for p, f in zip(plain, fused):
+        for a, b in zip(p, f):
+            assert torch.equal(a, b)
+
+
+def test_a_compiler_that_fails_warns_once_and_the_plain_kernels_take_over(compiled, monkeypatch):
+    def broken(fn, **_):
+        def call(*args):
+            raise RuntimeError("no C++ compiler\ndetails")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile of the defense-noise hash failed \(RuntimeError: no C\+\+ "
+                                            r"compiler\); using the plain kernels"):
+        bits = random_bits(keys(KEY), ("wbc", 1, 4), 100)
+    monkeypatch.setenv(rng.COMPILE_ENV, "0")
+    plain_bits = random_bits(keys(KEY), ("wbc", 1, 4), 100)
+    assert torch.equal(bits, plain_bits)
+    monkeypatch.setenv(rng.COMPILE_ENV, "1")
+    assert rng._COMPILED[rng._words] is rng._words  # no second try, no second warning
+
+
+# --------------------------------------------------------------------------------------------------
 # CPU and GPU
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -231,3 +277,23 @@ def test_cuda_draws_are_the_cpu_draws():
     # the logarithm is the one floating-point step; CPU and GPU libraries agree on it to an ulp or so
     torch.testing.assert_close(laplace_keyed(batch.cuda(), ("wbc", 0, 1), shape, 0.4).cpu(),
                                laplace_keyed(batch, ("wbc", 0, 1), shape, 0.4), rtol=5e-7, atol=1e-12)
+
+
+def test_run_with_compile_gives_the_same_rounds_as_without(monkeypatch):
+    """``fedbench run --compile``: a digits run of wbc (2 rounds, an attack in round 1) records the
+    same per-round numbers, bit for bit, as without the flag."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fedbench.cli import main
+
+    monkeypatch.setenv(rng.COMPILE_ENV, "0")  # --compile sets it to 1; monkeypatch puts it back
+    monkeypatch.setattr(rng, "_COMPILED", {})
+    args = ["run", "--attack", "poison", "--defense", "wbc:s=0.4", "--rounds", "2", "--attack-rounds", "1", "--json"]
+    plain = CliRunner().invoke(main, args)
+    fused = CliRunner().invoke(main, args + ["--compile"])
+    assert plain.exit_code == 0 and fused.exit_code == 0, plain.output + fused.output
+    assert rng.compile_enabled() and set(rng._COMPILED) == {rng._laplace_parts}
+    rounds = [json.loads(r.output)["rounds"] for r in (plain, fused)]
+    assert rounds[0] == rounds[1] and len(rounds[0]) == 2
