@@ -633,13 +633,14 @@ PIPE_WIDTH = 10_000
 @click.option("--vs", "vs", default=None, metavar="DEFENSE",
               help="Also compare every defense with DEFENSE, paired by seed (same schedule, data and malicious "
                    "clients): the difference in score, clean accuracy and, per attack, accuracy and success avg, "
-                   "with its 95% t interval; * marks an interval that excludes 0. In CSV and JSON: columns "
+                   "with its 95% interval; * marks an interval that excludes 0. In CSV and JSON: columns "
                    "<column>_diff, _diff_ci_low, _diff_ci_high, _diff_n.")
 def leaderboard(store_path, fmt, output, show_ci, vs) -> None:
     """Re-render the leaderboard of a result store (nothing is re-run).
 
-    Every number is a mean over seeds; the confidence intervals are Student t intervals, which are
-    wide with 3 seeds: that is the honest uncertainty of 3 runs."""
+    Every number is a mean over seeds; the confidence intervals are Student t intervals below 10
+    seeds (wide with 3 seeds: that is the honest uncertainty of 3 runs) and BCa bootstrap intervals
+    from 10 seeds on, which do not assume normal per-seed values."""
     from pathlib import Path
 
     from fedbench import leaderboard as lb

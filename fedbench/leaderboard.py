@@ -3,8 +3,8 @@
 One leaderboard per *setting* (everything a cell specifies except attack, defense and seed:
 dataset, partition, model, scenario, protocol, rounds, warm start); each states the protocol that
 produced it. One row per defense stack; per attack, a group of columns. Every number is the mean
-over seeds of a per-cell quantity, with its sample standard deviation and its 95% Student t
-confidence interval over seeds (``<col>_mean``, ``_std``, ``_ci_low``, ``_ci_high``; the interval is
+over seeds of a per-cell quantity, with its sample standard deviation and its 95% confidence
+interval over seeds (Student t below 10 seeds, BCa bootstrap from 10) (``<col>_mean``, ``_std``, ``_ci_low``, ``_ci_high``; the interval is
 NaN -- n/a -- with one seed, see :mod:`fedbench.stats`):
 
 ``clean_accuracy``
@@ -69,6 +69,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from fedbench.stats import BOOTSTRAP_MIN, method_of
 from fedbench.store import Store
 
 FORMATS = ("table", "md", "csv", "json", "html", "latex")
@@ -83,8 +84,9 @@ ATTACK_METRICS = (
     ("mitigation_max", "mitig. max", 1, True),
 )
 SETTING_COLUMNS = ("setting", "dataset", "partition", "model", "protocol", "rounds", "warmup_rounds")
-#: The statistics of every averaged quantity, in column order: mean, sample std and the 95% Student
-#: t interval over seeds (:func:`fedbench.stats.t_interval`; NaN with one seed).
+#: The statistics of every averaged quantity, in column order: mean, sample std and the 95% interval
+#: over seeds (:func:`fedbench.stats.interval`: Student t below 10 seeds, BCa bootstrap from 10; NaN
+#: with one seed).
 STATS = ("mean", "std", "ci_low", "ci_high")
 
 
@@ -309,13 +311,13 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def _summary(name: str, values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample std and 95% t interval over seeds of ``values`` (NaNs left out)."""
-    from fedbench.stats import t_interval
+    """Mean, sample std and 95% interval over seeds of ``values`` (NaNs left out; :func:`fedbench.stats.interval`)."""
+    from fedbench.stats import interval
 
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     mean = sum(vals) / len(vals) if vals else math.nan
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else math.nan
-    low, high = t_interval(vals)
+    low, high = interval(vals)
     return {f"{name}_mean": mean, f"{name}_std": std, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
@@ -349,8 +351,8 @@ CENSORED_NOTE = ("≥: at least one attack was still active when the next attack
                  "the mean (or max) of mitigation rounds is a lower bound")
 #: How the spread of a mean is shown: ``std`` (mean ± sample std) or ``ci`` (mean [95% t interval]).
 SPREADS = ("std", "ci")
-CI_NOTE = ("[a, b]: 95% Student t confidence interval of the mean over seeds (n/a with one seed); "
-           "with 3 seeds it is wide (t = 4.30) -- that is the honest uncertainty")
+CI_NOTE = ("[a, b]: 95% confidence interval of the mean over seeds (n/a with one seed): Student t below "
+           "10 seeds, with 3 seeds wide (t = 4.30) -- that is the honest uncertainty; BCa bootstrap from 10 seeds on")
 
 
 def _nan(value) -> bool:
@@ -486,9 +488,10 @@ def _comparison_table(setting: str, diff: pd.DataFrame, attacks: list[str]) -> _
             for r in diff.to_dict("records")]
     n = int(diff[[c for c in diff.columns if c.endswith("_diff_n")]].max().max() or 0)
     foot = (f"Δ = defense minus {vs}, paired by seed (same seed: same attack schedule, data and malicious "
-            f"clients), mean over {n} seed(s) [95% Student t interval of the paired differences; n/a with one "
-            f"seed]; {SIGNIFICANT}: the interval excludes 0. With 3 seeds the interval is wide (t = 4.30): that "
-            "is the honest uncertainty, which a bootstrap of 3 values would understate.")
+            f"clients), mean over {n} seed(s) [95% {method_of(n)} interval of the paired differences; n/a with one "
+            f"seed]; {SIGNIFICANT}: the interval excludes 0."
+            + (" With 3 seeds the interval is wide (t = 4.30): that is the honest uncertainty, which a bootstrap "
+               "of 3 values would understate." if n < BOOTSTRAP_MIN else ""))
     return _Table(f"Paired difference to {vs} -- Setting: {setting}", groups, headers, rows, [], foot)
 
 

@@ -1,22 +1,29 @@
 """Confidence intervals over seeds: how sure a leaderboard's mean, or a difference between two
 defenses, is.
 
-Every interval is a two-sided 95% Student t interval over the n seeds (the t quantile of ``scipy.special.stdtrit``)::
+Every interval is two-sided at 95% (:func:`interval`). With fewer than :data:`BOOTSTRAP_MIN` seeds it
+is the Student t interval (the t quantile of ``scipy.special.stdtrit``)::
 
     mean ± t_{0.975, n-1} · s / sqrt(n)
 
-with s the sample standard deviation. With one seed there is no interval (``nan``, shown as n/a,
-never 0); when every seed gives the same value it is the point itself.
+with s the sample standard deviation; with :data:`BOOTSTRAP_MIN` seeds or more it is the BCa
+bootstrap interval of the mean (``scipy.stats.bootstrap``, 9,999 resamples from a fixed seed, so
+the same values always give the same interval). With one seed there is no interval (``nan``, shown
+as n/a, never 0); when every seed gives the same value it is the point itself.
 
 A comparison of two defenses is *paired*: the same seed means the same attack schedule, the same
 data partition and the same malicious clients, so the per-seed differences remove that shared
 variation and the t interval is taken over the differences (a paired t interval).
 
-Why not a bootstrap: a benchmark runs 3 to 5 seeds. A percentile bootstrap of 3 values can only
-resample those 3 values, so its interval never reaches past their range and understates the
-uncertainty; the t interval is wide with 3 seeds (t_{0.975,2} = 4.30) and that width is the honest
-answer. The t interval assumes roughly normal per-seed values, which averages over many rounds
-and images are.
+Why t for few seeds and a bootstrap for many: a benchmark usually runs 3 to 5 seeds. A bootstrap of
+3 values can only resample those 3 values, so its interval never reaches past their range and
+understates the uncertainty; the t interval is wide with 3 seeds (t_{0.975,2} = 4.30) and that
+width is the honest answer. But the t interval assumes roughly normal per-seed values, and some of
+fedbench's are not: mitigation rounds are small integers, censored, and success rates pile up at 0
+and 1. With 10 seeds or more there are enough values for the bootstrap to see that shape, and the
+BCa variant corrects the percentile bootstrap's bias and skew; it then replaces the t interval for
+every column, so that one rule covers a table. Where BCa cannot be formed (almost all values tied),
+the percentile bootstrap is used.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from typing import Iterable, Mapping
 
 #: The confidence level of every interval fedbench reports.
 CONFIDENCE = 0.95
+#: From this many values on, :func:`interval` is the BCa bootstrap instead of the t interval.
+BOOTSTRAP_MIN = 10
+BOOTSTRAP_RESAMPLES = 9999
 
 
 def _finite(values: Iterable[float]) -> list[float]:
@@ -54,9 +64,47 @@ def t_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple
     return float(low), float(high)
 
 
+def bootstrap_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The BCa bootstrap interval of the mean of ``values`` (NaNs dropped), deterministic (resamples
+    drawn from a fixed seed); the percentile interval where BCa is undefined (nearly all values
+    tied); ``(mean, mean)`` when all are equal, ``(nan, nan)`` with fewer than two values."""
+    import warnings
+
+    import numpy as np
+
+    vals = _finite(values)
+    if len(vals) < 2:
+        return math.nan, math.nan
+    if min(vals) == max(vals):
+        return vals[0], vals[0]
+    from scipy import stats
+
+    data = (np.asarray(vals, dtype=float),)
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DegenerateDataWarning: BCa undefined, the percentile one follows
+            ci = stats.bootstrap(data, np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
+                                 method=method, random_state=np.random.default_rng(0)).confidence_interval
+        if math.isfinite(ci.low) and math.isfinite(ci.high):
+            return float(ci.low), float(ci.high)
+    return math.nan, math.nan
+
+
+def interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The interval fedbench reports for a mean over seeds: :func:`t_interval` below
+    :data:`BOOTSTRAP_MIN` values, :func:`bootstrap_interval` from there on (see the module docstring)."""
+    vals = _finite(values)
+    return (t_interval if len(vals) < BOOTSTRAP_MIN else bootstrap_interval)(vals, confidence)
+
+
+def method_of(n: int) -> str:
+    """How the interval of ``n`` values is made, in words."""
+    return "BCa bootstrap" if n >= BOOTSTRAP_MIN else "Student t"
+
+
 @dataclass(frozen=True)
 class Difference:
-    """A paired difference ``a - b`` over seeds: its mean, 95% t interval and number of seeds."""
+    """A paired difference ``a - b`` over seeds: its mean, 95% interval (:func:`interval`) and number of seeds."""
 
     mean: float
     low: float
@@ -75,7 +123,7 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float],
     diffs = [float(a[s]) - float(b[s]) for s in a if s in b and not _missing(a[s]) and not _missing(b[s])]
     if not diffs:
         return Difference(math.nan, math.nan, math.nan, 0)
-    low, high = t_interval(diffs, confidence)
+    low, high = interval(diffs, confidence)
     return Difference(math.fsum(diffs) / len(diffs), low, high, len(diffs))
 
 

@@ -83,7 +83,7 @@ def test_report_html_is_self_contained_well_formed_and_holds_the_leaderboard_and
     board = [r for r in rows if len(r) > 5 and r[0] in ("1", "2")]
     assert sorted(r[1] for r in board) == ["fedavg", "wbc"]
     assert all(re.fullmatch(r"\d\.\d{3} \[-?\d\.\d{3}, \d\.\d{3}\]", r[2]) for r in board)  # score [95% CI]
-    assert "95% Student t confidence interval" in page and "Paired" not in page
+    assert "95% confidence interval of the mean over seeds (n/a with one seed): Student t" in page and "Paired" not in page
     cells = [r for r in rows if len(r) == 9]
     assert len(cells) == 12 and {r[4] for r in cells} == {"ok"}
     assert any(r[7].startswith("poison:") and r[8] == "wbc:proxy=grad,s=0.4+fedavg" for r in cells)

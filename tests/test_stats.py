@@ -1,4 +1,4 @@
-"""Confidence intervals over seeds: Student t intervals of the leaderboard's means and paired
+"""Confidence intervals over seeds: Student t intervals (BCa bootstrap from 10 seeds) of the leaderboard's means and paired
 differences between defenses (``fedbench leaderboard --vs``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from fedbench import leaderboard as lb
 from fedbench.cli import main
-from fedbench.stats import paired_difference, t_interval
+from fedbench.stats import BOOTSTRAP_MIN, interval, paired_difference, t_interval
 from fedbench.store import Store
 from result_stores import fill_two_seeds, put
 
@@ -50,6 +50,37 @@ def test_one_seed_has_no_interval_not_a_zero_width_one(tmp_path):
 
 def test_equal_values_give_the_point_as_interval():
     assert t_interval([0.25, 0.25, 0.25]) == (0.25, 0.25)
+
+
+# mitigation rounds of 12 seeds: mostly 1, a long tail -- the kind of values a t interval misreads
+SKEWED = [1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 7, 12]
+
+
+def test_from_ten_seeds_on_the_interval_is_scipys_bca_bootstrap_with_a_fixed_seed():
+    import numpy as np
+    from scipy import stats as st
+
+    expected = st.bootstrap((np.array(SKEWED, dtype=float),), np.mean, confidence_level=0.95, n_resamples=9999,
+                            method="BCa", random_state=np.random.default_rng(0)).confidence_interval
+    low, high = interval(SKEWED)
+    assert (low, high) == (pytest.approx(expected.low, abs=1e-12), pytest.approx(expected.high, abs=1e-12))
+    assert interval(SKEWED) == (low, high)  # the same values, the same interval
+    t_low, t_high = t_interval(SKEWED)
+    mean = sum(SKEWED) / len(SKEWED)
+    # the t interval is symmetric and reaches below the smallest possible mean (1); BCa follows the skew
+    assert t_low < 1.0 < low and high - mean > mean - low
+    assert t_high - mean == pytest.approx(mean - t_low)
+    # below 10 values it stays the t interval
+    assert interval(SKEWED[:9]) == t_interval(SKEWED[:9])
+    assert BOOTSTRAP_MIN == 10
+
+
+def test_bootstrap_of_nearly_tied_values_falls_back_to_the_percentile_interval_and_of_equal_ones_is_the_point():
+    tied = [0.0] * 11 + [1.0]
+    low, high = interval(tied)
+    assert 0.0 <= low <= sum(tied) / 12 <= high <= 1.0 and not math.isnan(low)
+    assert interval([0.3] * 12) == (0.3, 0.3)
+    assert paired_difference(dict(enumerate(SKEWED)), dict(enumerate(SKEWED))).low == 0.0
 
 
 def test_leaderboard_exports_ci_columns_beside_mean_and_std(store_path):
