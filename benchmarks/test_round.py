@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -144,3 +145,35 @@ def test_evaluation_cost_vs_round(benchmark, fmnist_round):
     report(benchmark, "evaluation vs a paper round", times,
            {"eval_auto/round": ("eval_auto", "round"), "eval_full/round": ("eval_full", "round")})
     benchmark.pedantic(lambda: evaluate(forward, test_x[:AUTO_SUBSET], test_y[:AUTO_SUBSET]), rounds=1, iterations=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("protocol", ["paper", "reference-code"])
+def test_gpu_wbc_overhead(benchmark, fmnist_round, protocol):
+    """Issue 13's GPU target, WBC <= 1.3x the undefended round, with and without ``--compile`` (on a
+    GPU the hash is 13 kernel launches a step plain, one fused): the engine's GPU trainer (all 10
+    clients in one stack) on the round's data moved to the GPU."""
+    import fedbench
+    from fedbench.engine import _trainer
+    from fedbench.training import FlatModel
+
+    model, x, y = fmnist_round
+    dev = torch.device("cuda")
+    model = FlatModel(model.module.to(dev))
+    x, y = x.to(dev), y.to(dev)
+    g = model.flatten()
+    trainer = _trainer("stacked", model, dev)
+    setup, n = (PAPER, None) if protocol == "paper" else (REFERENCE_CODE, 480)
+    wbc = [fedbench.parse_component("defense", "wbc:s=0.4").build()]
+
+    def timed(defenses):
+        def call():
+            trainer.train(g, _keyed_jobs(x, y, n), setup, defenses=defenses)
+            torch.cuda.synchronize()
+        return call
+
+    times = best_times({"undefended": timed([]), "wbc": timed(wbc), "wbc --compile": _with_compiled_noise(timed(wbc))},
+                       repeats=5)
+    report(benchmark, f"{protocol} round with wbc:s=0.4, GPU", times,
+           {"wbc/undefended": ("wbc", "undefended"), "wbc --compile/undefended": ("wbc --compile", "undefended")})
+    benchmark.pedantic(timed(wbc), rounds=1, iterations=1)
