@@ -32,8 +32,8 @@ DOCUMENTED = {
                    partitions={"iid", "shards"}, malicious={5}, per_setting=2 * 2 * 5),
     "fig5": dict(attacks=["none", "poison:images=10"], defenses=["fedavg", *WBC_SWEEP, *DP_SWEEP],
                  partitions={"iid", "shards"}, malicious={5}, per_setting=2 * 2 * 16),
-    "fig6": dict(attacks=["none", "poison"], defenses=["fedavg", "cma", "cma+wbc:s=0.4"],
-                 partitions={"iid", "shards"}, malicious={5}, per_setting=2 * 2 * 3),
+    "fig6": dict(attacks=["none", "poison"], defenses=["fedavg", "cma", "wbc:s=0.4", "cma+wbc:s=0.4"],
+                 partitions={"iid", "shards"}, malicious={5}, per_setting=2 * 2 * 4),
 }
 
 
@@ -180,9 +180,9 @@ def test_estimate_prices_cells_by_measured_seconds_per_round():
     preset = presets.load("fig6")
     cost = presets.ROUND_SECONDS[("cpu", "fmnist", "paper")]
     est = preset.estimate(quick=True)
-    assert est.cells == 12 and est.rounds == 12 * preset.quick_rounds
+    assert est.cells == 16 and est.rounds == 16 * preset.quick_rounds
     assert est.low == pytest.approx(cost.low * est.rounds) and est.high == pytest.approx(cost.high * est.rounds)
-    assert "not measured" in str(preset.estimate(dataset="cifar10"))
+    assert "not measured" in str(preset.estimate(dataset="cifar10", device="cuda"))
     assert preset.estimate(device="cuda").low < preset.estimate(device="cpu").low
 
 
