@@ -7,6 +7,7 @@ messages from plugins and files, cell labels, paths -- is escaped, never read as
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from typing import Any
 
@@ -596,6 +597,11 @@ def _run_grid(cells, store_path, *, jobs, executor, ray_address, retry_failed, f
     if not quiet:
         err.print(f"{report.ran} cells run in {report.seconds:.1f} s, {report.skipped} taken from {store_path}",
                   markup=False, highlight=False)
+        quoted = shlex.quote(str(store_path))
+        if len(frame):
+            err.print(f"next: fedbench report --store {quoted} --out report/ (every plot, intervals); "
+                      f"fedbench plot --store {quoted} --kind rounds --seed {int(frame['seed'].min())} --out rounds.png",
+                      markup=False, highlight=False)
     unfinished = report.count("failed") + report.count("interrupted")
     if unfinished:
         err.print(f"{unfinished} cell(s) did not finish (see the notes above); "

@@ -273,6 +273,9 @@ def test_resume_after_kill_9_runs_every_cell_once_with_the_same_numbers(stores, 
     result = CliRunner().invoke(main, [*args, "--csv", str(tmp_path / "board.csv")])
     assert result.exit_code == 0, result.output
     assert "1 cells run" in result.output and "1 taken from" in result.output
+    # what to do with the store next, with its path as a shell word
+    assert f"next: fedbench report --store {path} --out report/" in result.output
+    assert f"fedbench plot --store {path} --kind rounds --seed 0 --out rounds.png" in result.output
     conn = sqlite3.connect(path)
     after = dict(conn.execute("SELECT key, status FROM cells"))
     assert len(after) == 2 and set(after.values()) == {"ok"}
