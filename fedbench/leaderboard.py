@@ -310,14 +310,28 @@ def _mean(values: Iterable[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def bounds_of(name: str) -> tuple[float, float]:
+    """The range a column's per-seed values (hence their mean) can take: fractions in [0, 1],
+    differences of two fractions (cost, drop) in [-1, 1], mitigation rounds from 0 on."""
+    stem = name.rsplit("/", 1)[-1]
+    if stem in ("clean_cost", "drop"):
+        return -1.0, 1.0
+    if stem.startswith("mitigation"):
+        return 0.0, math.inf
+    if stem in ("score", "clean_accuracy", "accuracy") or stem.startswith("success"):
+        return 0.0, 1.0
+    return -math.inf, math.inf
+
+
 def _summary(name: str, values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample std and 95% interval over seeds of ``values`` (NaNs left out; :func:`fedbench.stats.interval`)."""
+    """Mean, sample std and 95% interval over seeds of ``values`` (NaNs left out; :func:`fedbench.stats.interval`,
+    cut to :func:`bounds_of` the column)."""
     from fedbench.stats import interval
 
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     mean = sum(vals) / len(vals) if vals else math.nan
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else math.nan
-    low, high = interval(vals)
+    low, high = interval(vals, bounds=bounds_of(name))
     return {f"{name}_mean": mean, f"{name}_std": std, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
@@ -450,7 +464,9 @@ def compare(cells: pd.DataFrame, vs: str) -> pd.DataFrame:
         for defense in board["defense"]:
             row: dict[str, Any] = {"setting": group.iloc[0]["setting"], "defense": defense, "vs": vs}
             for col in columns:
-                d = paired_difference(seed_values.get((defense, col), {}), seed_values.get((vs, col), {}))
+                lo, hi = bounds_of(col)  # a difference of two values in [lo, hi] lies in [lo - hi, hi - lo]
+                d = paired_difference(seed_values.get((defense, col), {}), seed_values.get((vs, col), {}),
+                                      bounds=(lo - hi, hi - lo))
                 row.update({f"{col}_diff": d.mean, f"{col}_diff_ci_low": d.low, f"{col}_diff_ci_high": d.high,
                             f"{col}_diff_n": d.n})
             rows.append(row)

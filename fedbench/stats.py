@@ -6,7 +6,9 @@ is the Student t interval (the t quantile of ``scipy.special.stdtrit``)::
 
     mean ± t_{0.975, n-1} · s / sqrt(n)
 
-with s the sample standard deviation; with :data:`BOOTSTRAP_MIN` seeds or more it is the BCa
+with s the sample standard deviation, cut to the range the quantity can take when one is given
+(``bounds``: a success rate's mean cannot leave [0, 1], a mitigation count's cannot go below 0, so
+the cut interval covers the true mean whenever the uncut one does); with :data:`BOOTSTRAP_MIN` seeds or more it is the BCa
 bootstrap interval of the mean (``scipy.stats.bootstrap``, 9,999 resamples from a fixed seed, so
 the same values always give the same interval). With one seed there is no interval (``nan``, shown
 as n/a, never 0); when every seed gives the same value it is the point itself.
@@ -90,11 +92,16 @@ def bootstrap_interval(values: Iterable[float], confidence: float = CONFIDENCE) 
     return math.nan, math.nan
 
 
-def interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+def interval(values: Iterable[float], confidence: float = CONFIDENCE,
+             bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
     """The interval fedbench reports for a mean over seeds: :func:`t_interval` below
-    :data:`BOOTSTRAP_MIN` values, :func:`bootstrap_interval` from there on (see the module docstring)."""
+    :data:`BOOTSTRAP_MIN` values, :func:`bootstrap_interval` from there on (see the module docstring),
+    cut to ``bounds``, the range the mean can take."""
     vals = _finite(values)
-    return (t_interval if len(vals) < BOOTSTRAP_MIN else bootstrap_interval)(vals, confidence)
+    low, high = (t_interval if len(vals) < BOOTSTRAP_MIN else bootstrap_interval)(vals, confidence)
+    if math.isnan(low):
+        return low, high
+    return max(low, bounds[0]), min(high, bounds[1])
 
 
 def method_of(n: int) -> str:
@@ -117,13 +124,14 @@ class Difference:
         return not math.isnan(self.low) and (self.low > 0 or self.high < 0)
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float],
-                      confidence: float = CONFIDENCE) -> Difference:
-    """``a - b`` paired by seed (the keys), over the seeds where both have a number."""
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = CONFIDENCE,
+                      bounds: tuple[float, float] = (-math.inf, math.inf)) -> Difference:
+    """``a - b`` paired by seed (the keys), over the seeds where both have a number; ``bounds`` is the
+    range of the difference (of two fractions: [-1, 1])."""
     diffs = [float(a[s]) - float(b[s]) for s in a if s in b and not _missing(a[s]) and not _missing(b[s])]
     if not diffs:
         return Difference(math.nan, math.nan, math.nan, 0)
-    low, high = interval(diffs, confidence)
+    low, high = interval(diffs, confidence, bounds)
     return Difference(math.fsum(diffs) / len(diffs), low, high, len(diffs))
 
 

@@ -83,6 +83,16 @@ def test_bootstrap_of_nearly_tied_values_falls_back_to_the_percentile_interval_a
     assert paired_difference(dict(enumerate(SKEWED)), dict(enumerate(SKEWED))).low == 0.0
 
 
+def test_an_interval_is_cut_to_the_range_its_quantity_can_take():
+    # success peaks 0.9, 1, 1: the t interval reaches 1.11, a rate's mean cannot
+    low, high = interval([0.9, 1.0, 1.0], bounds=(0.0, 1.0))
+    assert low == pytest.approx(t_interval([0.9, 1.0, 1.0])[0]) and high == 1.0
+    assert interval([0, 0, 3], bounds=(0.0, math.inf))[0] == 0.0  # mitigation rounds
+    assert all(math.isnan(v) for v in interval([0.5], bounds=(0.0, 1.0)))  # still no interval from one seed
+    assert lb.bounds_of("poison/success_peak") == (0.0, 1.0) and lb.bounds_of("clean_cost") == (-1.0, 1.0)
+    assert lb.bounds_of("poison/mitigation_max") == (0.0, math.inf) and lb.bounds_of("score") == (0.0, 1.0)
+
+
 def test_leaderboard_exports_ci_columns_beside_mean_and_std(store_path):
     csv = pd.read_csv(io.StringIO(CliRunner().invoke(main, ["leaderboard", "--store", str(store_path),
                                                             "--format", "csv"]).output)).set_index("defense")
