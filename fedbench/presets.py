@@ -92,11 +92,14 @@ class RoundCost:
 #: the others' load (load 3-4: paper 1.3-2.9; reference-code 6.3-15). At load 5-7 a round took up to
 #: 2.5x the high figure (paper 5-7 s, reference-code 38 s). A fig6 --quick run (12 cells x 3 rounds,
 #: one worker) took 219 s at load 4-7. CUDA: the README's figures (H200, stacked trainer, 10 clients a
-#: round). A combination missing here is "not measured" (CIFAR-10 on either device).
+#: round). CIFAR-10, reference-code, CPU: 20-round cells of the figure-3 grid (fedavg, wbc:s=0.4, cma;
+#: poison and clean) in two single-threaded workers at load 2-3, 68-130 s a cell (wbc the dearer).
+#: A combination missing here is "not measured" (CIFAR-10 under the paper protocol, CIFAR-10 on a GPU).
 _MEASURED_CPU = "measured 2026-11-29, 2 shared AMD EPYC cores, torch 2.14"
 ROUND_SECONDS: dict[tuple[str, str, str], RoundCost] = {
     ("cpu", "fmnist", "paper"): RoundCost(0.6, 2.9, _MEASURED_CPU),
     ("cpu", "fmnist", "reference-code"): RoundCost(4.3, 15.0, _MEASURED_CPU),
+    ("cpu", "cifar10", "reference-code"): RoundCost(3.4, 6.5, _MEASURED_CPU),
     ("cuda", "fmnist", "paper"): RoundCost(0.040, 0.040, "README: H200, stacked trainer"),
     ("cuda", "fmnist", "reference-code"): RoundCost(1.5, 3.1, "README: H200"),
 }
