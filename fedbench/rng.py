@@ -172,6 +172,12 @@ def _fallback(fn, compiled):
     return call
 
 
+def _check_row_size(n: int, who: str) -> None:
+    """The element index is a 32-bit word: a row holds 1 to 2^32 - 1 draws."""
+    if not 0 < n <= _M32:
+        raise ValueError(f"{who} draws 1 to 2^32 - 1 elements per row, not {n}")
+
+
 def random_bits(keys: torch.Tensor, counter: tuple, n: int) -> torch.Tensor:
     """Random 32-bit words ``[C, n]`` (int64, in [0, 2^32)): row c is a function of ``keys[c]``,
     ``counter`` and the element index only.
@@ -182,8 +188,7 @@ def random_bits(keys: torch.Tensor, counter: tuple, n: int) -> torch.Tensor:
     the index passes through two full-avalanche rounds, the row's 64 bits through a keyed
     permutation before the last. All operations are elementwise on the client axis (one pass per
     operation for all clients) and integer-exact, so the CPU and a GPU give bit-identical words."""
-    if not 0 < n <= _M32:
-        raise ValueError(f"random_bits draws 1 to 2^32 - 1 elements per row, not {n}")
+    _check_row_size(n, "random_bits")
     a, b = _row_words(keys, counter)
     return _fused(_words)(_scrambled_index(n, a.device), a, b)  # [C, n]
 
@@ -213,8 +218,7 @@ def laplace_keyed(keys: torch.Tensor, counter: tuple, shape, scale: float, *, dt
     ulp or so, not always bit for bit."""
     shape = tuple(shape)
     n = math.prod(shape)
-    if not 0 < n <= _M32:
-        raise ValueError(f"laplace_keyed draws 1 to 2^32 - 1 elements per row, not {n}")
+    _check_row_size(n, "laplace_keyed")
     a, b = _row_words(keys, counter)
     v, z = _fused(_laplace_parts)(_scrambled_index(n, a.device), a, b, dtype)
     return torch.copysign(v.log_(), z, out=v).mul_(scale).view(-1, *shape)

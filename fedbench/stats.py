@@ -6,16 +6,17 @@ is the Student t interval (the t quantile of ``scipy.special.stdtrit``)::
 
     mean ± t_{0.975, n-1} · s / sqrt(n)
 
-with s the sample standard deviation, cut to the range the quantity can take when one is given
-(``bounds``: a success rate's mean cannot leave [0, 1], a mitigation count's cannot go below 0, so
-the cut interval covers the true mean whenever the uncut one does); with :data:`BOOTSTRAP_MIN` seeds or more it is the BCa
+with s the sample standard deviation; with :data:`BOOTSTRAP_MIN` seeds or more it is the BCa
 bootstrap interval of the mean (``scipy.stats.bootstrap``, 9,999 resamples from a fixed seed, so
-the same values always give the same interval). With one seed there is no interval (``nan``, shown
-as n/a, never 0); when every seed gives the same value it is the point itself.
+the same values always give the same interval). Either is cut to the range the quantity can take
+when one is given (``bounds``: a success rate's mean cannot leave [0, 1], a mitigation count's
+cannot go below 0), so the cut interval covers the true mean whenever the uncut one does. With one
+seed there is no interval (``nan``, shown as n/a, never 0); when every seed gives the same value it
+is the point itself.
 
 A comparison of two defenses is *paired*: the same seed means the same attack schedule, the same
 data partition and the same malicious clients, so the per-seed differences remove that shared
-variation and the t interval is taken over the differences (a paired t interval).
+variation and the interval is taken over the differences (a paired interval).
 
 Why t for few seeds and a bootstrap for many: a benchmark usually runs 3 to 5 seeds. A bootstrap of
 3 values can only resample those 3 values, so its interval never reaches past their range and
