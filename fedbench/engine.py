@@ -44,6 +44,11 @@ from fedbench.spec import CellSpec, Scenario
 from fedbench.training import TRAINERS, ClientJob, FlatModel, LocalSetup, LoopTrainer, StackedTrainer
 
 
+#: ``train(global [P], jobs, setup) -> updates [len(jobs), P]``: plain local training (the
+#: cross-entropy, no client defenses), see :meth:`CellRun.finish_round`.
+PlainTrain = Callable[[torch.Tensor, list[ClientJob], LocalSetup], torch.Tensor]
+
+
 @dataclass
 class RunResult:
     """What a run produced, as plain data (``to_dict`` is JSON-ready)."""
@@ -217,6 +222,12 @@ class CellRun:
     def done(self) -> bool:
         return self.status != "ok" or self.round > self.cell.rounds
 
+    @property
+    def finish_trains(self) -> bool:
+        """Whether :meth:`finish_round` of the round under way may train (through its ``train``): the
+        round has malicious clients, or the server trains on root data."""
+        return self._pending is not None and (bool(self._pending[1]) or self.root is not None)
+
     def threads(self):
         """The thread setting this cell's model trains best with (:func:`_cpu_threads`)."""
         return _cpu_threads(self.module, self.device)
@@ -244,20 +255,28 @@ class CellRun:
             for c in benign_ids
         ]
 
-    def finish_round(self, benign_updates: torch.Tensor) -> dict[str, Any]:
+    def finish_round(self, benign_updates: torch.Tensor, *, train: PlainTrain | None = None) -> dict[str, Any]:
         """The rest of the round given its benign updates ``[len(benign_jobs()), P]``: the malicious
-        clients, aggregation, evaluation. Returns the round's metrics."""
+        clients, aggregation, evaluation. Returns the round's metrics.
+
+        ``train(global, jobs, setup) -> updates`` replaces the cell's trainer for the round's plain
+        local training -- no client defenses, the cross-entropy objective: a malicious client's when
+        its attack asks for nothing else, FLTrust's root update. The lockstep driver passes one that
+        trains such requests of many cells together (:mod:`fedbench.lockstep`)."""
         if self._pending is None:
             raise FedbenchError("finish_round() needs the updates of the jobs benign_jobs() gave first")
         benign_ids, malicious_ids, t0 = self._pending
         self._pending = None
+        if train is None:
+            def train(start, jobs, setup):
+                return self.trainer.train(start, jobs, setup)
         with self.threads():
-            row = self._finish(self.round, benign_ids, malicious_ids, benign_updates, t0)
+            row = self._finish(self.round, benign_ids, malicious_ids, benign_updates, t0, train)
         self.round += 1
         return row
 
     def _finish(self, rnd: int, benign_ids: list[int], malicious_ids: list[int], benign_updates: torch.Tensor,
-                t0: float) -> dict[str, Any]:
+                t0: float, plain: PlainTrain) -> dict[str, Any]:
         sc, seed, dev, model, attack = self.cell.scenario, self.cell.seed, self.device, self.model, self.attack
         global_flat, server, train_x, train_y = self.global_params, self.server, self.train_x, self.train_y
         updates = benign_updates
@@ -269,10 +288,10 @@ class CellRun:
             num_byzantine=sc.num_malicious,
             generator=rng.generator(seed, "aggregate", rnd, device=dev),
             root_update=None if self.root is None else _root_trainer(
-                self.trainer, global_flat, self.setup, train_x[self.root], train_y[self.root], seed, rnd),
+                plain, global_flat, self.setup, train_x[self.root], train_y[self.root], seed, rnd),
         )
         if malicious_ids:
-            train_malicious = _malicious_trainer(self.trainer, global_flat, self.setup, seed, rnd, malicious_ids)
+            train_malicious = _malicious_trainer(self.trainer, plain, global_flat, self.setup, seed, rnd, malicious_ids)
             malicious = attack.malicious_updates(
                 MaliciousRound(
                     round=rnd,
@@ -353,18 +372,21 @@ class CellRun:
         )
 
 
-def _malicious_trainer(trainer, global_flat, setup: LocalSetup, seed: int, rnd: int, ids: list[int]):
+def _malicious_trainer(trainer, plain: PlainTrain, global_flat, setup: LocalSetup, seed: int, rnd: int, ids: list[int]):
     """``MaliciousRound.train``: ordinary local training without client defenses.
 
     ``data`` is one ``(x, y)`` per malicious client; ``epochs``/``batch_size`` override the
     scenario's; ``objective`` replaces the cross-entropy (see ``fedbench.training.Objective``);
     ``hooks`` are objects with the client-defense interface (``per_step``, ``after_step``,
     ``on_update``) through which an attack constrains its own training, e.g. a projection after
-    every step."""
+    every step. Training with neither goes through ``plain`` (which the lockstep driver batches
+    across cells); an objective or hooks are the attack's own, so that training stays with the cell."""
 
     def train(data, *, epochs=None, batch_size=None, objective=None, hooks=()):
         local = LocalSetup(epochs or setup.epochs, batch_size or setup.batch_size, setup.lr, setup.momentum)
         jobs = [ClientJob(x, y, batch_gen=rng.generator(seed, "attack", rnd, c)) for (x, y), c in zip(data, ids)]
+        if objective is None and not hooks:
+            return plain(global_flat, jobs, local)
         kwargs = {"objective": objective} if objective is not None else {}
         return trainer.train(global_flat, jobs, local, defenses=hooks, **kwargs)
 
@@ -398,7 +420,7 @@ def root_indices(count: int, n_train: int, seed: int) -> torch.Tensor | None:
     return torch.sort(torch.randperm(n_train, generator=rng.generator(seed, "root"))[:count]).values
 
 
-def _root_trainer(trainer, global_flat, setup: LocalSetup, x, y, seed: int, rnd: int):
+def _root_trainer(plain: PlainTrain, global_flat, setup: LocalSetup, x, y, seed: int, rnd: int):
     """``ServerContext.root_update``: the current global model trained on the root data with the
     clients' local setup, no client defenses (FLTrust's server update); computed at most once a round."""
     cache: list[torch.Tensor] = []
@@ -406,7 +428,7 @@ def _root_trainer(trainer, global_flat, setup: LocalSetup, x, y, seed: int, rnd:
     def root_update() -> torch.Tensor:
         if not cache:
             job = ClientJob(x.to(global_flat.device), y.to(global_flat.device), batch_gen=rng.generator(seed, "root", rnd))
-            cache.append(trainer.train(global_flat, [job], setup)[0])
+            cache.append(plain(global_flat, [job], setup)[0])
         return cache[0]
 
     return root_update

@@ -4,10 +4,13 @@ one stacked batch.
 Cells that share dataset, model and local-training setup (:func:`group_key`) have clients of the same
 shapes, so the benign clients of all of them -- each starting from its own cell's global model and
 running its own cell's client defenses -- can be trained in one call of the stacked trainer (client
-axis = cells x clients). Everything else stays per cell (:class:`fedbench.engine.CellRun`): the
-malicious clients, aggregation, evaluation, the metrics and the result. On a GPU that turns many
-launch-bound rounds of 10 clients into few rounds of hundreds; on a CPU, which is compute-bound
-already at 10 clients (the stacked trainer works in chunks of 10 there), it is about parity.
+axis = cells x clients). The malicious clients' training is batched the same way where the attack
+asks for ordinary training (the standard objective, no hooks of its own: the paper's poisoning
+attack, sign flipping, label flipping), as is FLTrust's root update (:func:`_finish_together`).
+Everything else stays per cell (:class:`fedbench.engine.CellRun`): the attacks' own code,
+aggregation, evaluation, the metrics and the result. On a GPU that turns many launch-bound rounds of
+10 clients into few rounds of hundreds; on a CPU, which is compute-bound already at 10 clients (the
+stacked trainer works in chunks of 10 there), it is about parity.
 
 Same numbers: a client's batches come from its own stream and its defense noise from its own key
 (:mod:`fedbench.rng`), so neither depends on which clients share its batch. What can change is float
@@ -23,6 +26,7 @@ their own, so the exception lands on the cell whose defense raised.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -99,41 +103,157 @@ def run_lockstep(
                 finish(i, error)
         if not requests:
             continue
-        updates = _train_together([(runs[i], jobs) for i, jobs in requests])
-        for (i, _jobs), upd in zip(requests, updates):
-            run = runs[i]
-            try:
-                if isinstance(upd, BaseException):
-                    raise upd
-                row = run.finish_round(upd)
-            except Exception as error:  # noqa: BLE001
-                finish(i, error)
+        first = runs[requests[0][0]]
+        with first.threads():
+            updates = _train_together(first.trainer, first.setup,
+                                      [(runs[i].global_params, jobs, runs[i].client_defenses) for i, jobs in requests])
+            finished = _finish_together([(runs[i], upd) for (i, _jobs), upd in zip(requests, updates)])
+        for (i, _jobs), row in zip(requests, finished):
+            if isinstance(row, BaseException):
+                if not isinstance(row, Exception):  # an exit or an interrupt is not the cell's failure
+                    raise row
+                finish(i, row)
                 continue
             outcomes[i].rounds_done.append(row["round"])
             if on_round is not None:
                 on_round(i, row["round"], row)
-            if run.done:
+            if runs[i].done:
                 finish(i)
     return outcomes
 
 
-def _train_together(requests: list[tuple[Any, list]]) -> list[torch.Tensor | BaseException]:
-    """The benign updates of every request ``(run, jobs)``, trained in one stacked batch; if that
-    raises, each request on its own so that the exception belongs to the cell that caused it."""
-    first = requests[0][0]
-    saved = [[job.batch_gen.get_state() for job in jobs] for _, jobs in requests]  # a retry draws the same batches
+def _train_together(trainer, setup, groups: list[tuple[torch.Tensor, list, Sequence]]) -> list[torch.Tensor | BaseException]:
+    """The updates of every group ``(its global parameters, its jobs, its client defenses)``, trained
+    in one stacked batch; if that raises, each group on its own so that the exception belongs to the
+    cell that caused it."""
+    saved = [[job.batch_gen.get_state() for job in jobs] for _, jobs, _ in groups]  # a retry draws the same batches
     try:
-        with first.threads():
-            return first.trainer.train_groups(
-                [(run.global_params, jobs, run.client_defenses) for run, jobs in requests], first.setup)
+        return trainer.train_groups(groups, setup)
     except Exception:  # noqa: BLE001 - found out below, cell by cell
         out: list[torch.Tensor | BaseException] = []
-        for (run, jobs), states in zip(requests, saved):
+        for (start, jobs, defenses), states in zip(groups, saved):
             for job, state in zip(jobs, states):
                 job.batch_gen.set_state(state)
             try:
-                with run.threads():
-                    out.append(run.trainer.train(run.global_params, jobs, run.setup, defenses=run.client_defenses))
+                out.append(trainer.train(start, jobs, setup, defenses=defenses))
             except Exception as error:  # noqa: BLE001
                 out.append(error)
         return out
+
+
+class Cancelled(BaseException):
+    """The lockstep group stopped (a timeout, an interrupt) while this cell waited for its training."""
+
+
+@dataclass
+class _Fiber:
+    """One cell finishing its round in a thread of its own (see :func:`_finish_together`)."""
+
+    run: Any  # fedbench.engine.CellRun
+    updates: torch.Tensor | BaseException
+    go: threading.Event = field(default_factory=threading.Event)
+    request: tuple | None = None  # (global parameters, jobs, setup) it waits to have trained
+    reply: torch.Tensor | BaseException | None = None
+    row: dict[str, Any] | BaseException | None = None
+    done: bool = False
+    cancelled: bool = False
+
+
+def _finish_together(items: list[tuple[Any, torch.Tensor | BaseException]]) -> list[dict[str, Any] | BaseException]:
+    """Finish the round of every item ``(run, its benign updates)``; returns each one's metrics, or the
+    exception that stopped it. The plain training of the rounds (malicious clients whose attack asks
+    for the standard objective, FLTrust's root update: ``CellRun.finish_round``'s ``train``) is done for
+    all cells together, per local setup, in one stacked batch.
+
+    An attack calls its training from deep inside its own code, so each cell with an adversarial round
+    finishes it in a thread of its own, and the threads take turns: exactly one runs at a time, in
+    cell order, until it asks for training or finishes; once every one of them waits or is done, the
+    waiting requests are trained together and the waiting threads resume in turn. Nothing runs
+    concurrently, so plugins need not be thread-safe, and the order of everything is fixed: the same
+    numbers every time, and those of one cell at a time up to the float rounding of a wider batch (as
+    for the benign clients). A cell without malicious clients this round finishes right here."""
+    out: list[dict[str, Any] | BaseException | None] = [None] * len(items)
+    fibers: list[tuple[int, _Fiber]] = []
+    for k, (run, updates) in enumerate(items):
+        if isinstance(updates, BaseException):
+            out[k] = updates
+        elif run.finish_trains:
+            fibers.append((k, _Fiber(run, updates)))
+        else:
+            out[k] = _finish_one(run, updates)
+    if len(fibers) == 1:  # nothing to share training with
+        k, fiber = fibers[0]
+        out[k] = _finish_one(fiber.run, fiber.updates)
+    elif fibers:
+        for (k, _), row in zip(fibers, _run_fibers([f for _, f in fibers])):
+            out[k] = row
+    return out  # type: ignore[return-value]
+
+
+def _finish_one(run, updates, train=None) -> dict[str, Any] | BaseException:
+    try:
+        return run.finish_round(updates, train=train)
+    except Exception as error:  # noqa: BLE001 - one cell's problem is recorded on that cell
+        return error
+
+
+def _run_fibers(fibers: list[_Fiber]) -> list[dict[str, Any] | BaseException]:
+    back = threading.Event()  # set by the fiber that holds the turn when it gives it back
+
+    def ask(fiber: _Fiber, start, jobs, setup):
+        fiber.request = (start, jobs, setup)
+        back.set()
+        fiber.go.wait()
+        fiber.go.clear()
+        if fiber.cancelled:
+            raise Cancelled("the lockstep group stopped")
+        reply, fiber.reply = fiber.reply, None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def body(fiber: _Fiber) -> None:
+        fiber.go.wait()
+        fiber.go.clear()
+        try:
+            if fiber.cancelled:
+                raise Cancelled("the lockstep group stopped")
+            fiber.row = _finish_one(fiber.run, fiber.updates,
+                                    lambda start, jobs, setup: ask(fiber, start, jobs, setup))
+        except BaseException as error:  # noqa: BLE001 - Cancelled: nobody reads it any more
+            fiber.row = error
+        finally:
+            fiber.done = True
+            back.set()
+
+    threads = [threading.Thread(target=body, args=(f,), name=f"lockstep-cell-{i}", daemon=True)
+               for i, f in enumerate(fibers)]
+    for thread in threads:
+        thread.start()
+    try:
+        turn = fibers
+        while turn:
+            for fiber in turn:
+                fiber.go.set()
+                back.wait()
+                back.clear()
+            turn = [f for f in fibers if not f.done]
+            if not turn:
+                break
+            by_setup: dict[Any, list[_Fiber]] = {}
+            for fiber in turn:
+                by_setup.setdefault(fiber.request[2], []).append(fiber)
+            for setup, waiting in by_setup.items():
+                first = waiting[0].run
+                replies = _train_together(first.trainer, setup, [(f.request[0], f.request[1], ()) for f in waiting])
+                for fiber, reply in zip(waiting, replies):
+                    fiber.reply, fiber.request = reply, None
+    except BaseException:
+        for fiber in fibers:  # a waiting thread ends at once; a running one when it next asks
+            if not fiber.done:
+                fiber.cancelled = True
+                fiber.go.set()
+        raise
+    for thread in threads:
+        thread.join()
+    return [f.row for f in fibers]  # type: ignore[misc]

@@ -4,6 +4,7 @@ lockstep cells exactly as others."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -190,3 +191,75 @@ def test_lockstep_groups_run_as_ray_tasks_with_the_same_numbers(tmp_path):
     assert [r[:3] for r in runs["ray"][0]] == [r[:3] for r in runs["plain"][0]]
     assert all(abs(a[3] - b[3]) <= TOL for a, b in zip(runs["ray"][0], runs["plain"][0]) if a[3] is not None)
     assert all(" lockstep x" in w and "(Ray node " in w for w in runs["ray"][1].values())
+
+
+def _record_train_groups(monkeypatch):
+    """The calls of the stacked trainer's ``train_groups``: (setup, clients per group)."""
+    from fedbench.training import StackedTrainer
+
+    calls = []
+    original = StackedTrainer.train_groups
+
+    def recording(self, groups, setup):
+        groups = list(groups)
+        calls.append((setup, [len(jobs) for _, jobs, _ in groups]))
+        return original(self, groups, setup)
+
+    monkeypatch.setattr(StackedTrainer, "train_groups", recording)
+    return calls
+
+
+def test_malicious_clients_of_many_cells_train_in_one_batch_with_their_own_numbers(monkeypatch):
+    """Four poisoning cells (10 epochs over one image) and two label-flipping ones (the scenario's
+    setup): in the adversarial round the malicious clients of each setup train in one call, and every
+    cell still has the metrics it has alone."""
+    grid = [make_cell(attack=a, defense=d, dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
+            for a, d, s in [("poison", "fedavg", 0), ("poison", "wbc", 0), ("poison", "cma", 1), ("poison", "fedavg", 2),
+                            ("labelflip", "fedavg", 0), ("labelflip", "cma", 1)]]
+    calls = _record_train_groups(monkeypatch)
+    outs = run_lockstep(grid)
+    setup = calls[0][0]  # the scenario's: 1 epoch; 5 of the 10 clients of the adversarial round are malicious
+    assert calls == [
+        (setup, [10] * 6),  # round 1: the benign clients of all cells
+        (setup, [5] * 6),  # round 2: the benign clients, then the malicious ones of each setup
+        (dataclasses.replace(setup, epochs=10), [5] * 4),
+        (setup, [5] * 2),
+        (setup, [10] * 6),  # round 3
+    ]
+    for cell, out in zip(grid, outs):
+        assert out.error is None
+        assert_same_rows(out.result.rounds, run_cell(cell).rounds)
+
+
+def test_fltrust_root_updates_of_many_cells_train_in_one_batch(monkeypatch):
+    grid = [make_cell(attack="none", defense="fltrust", dataset="digits", rounds=2, seed=s) for s in (0, 1, 2)]
+    calls = _record_train_groups(monkeypatch)
+    outs = run_lockstep(grid)
+    assert [sizes for _, sizes in calls] == [[10, 10, 10], [1, 1, 1]] * 2  # benign clients, then the root updates
+    for cell, out in zip(grid, outs):
+        assert_same_rows(out.result.rounds, run_cell(cell).rounds)
+
+
+def test_a_stop_while_cells_wait_for_training_leaves_no_thread_behind(monkeypatch):
+    """An interrupt (or a group timeout) in the driver while cells wait for their malicious training:
+    it reaches the caller, and the waiting cells' threads end."""
+    import threading
+
+    from fedbench import lockstep
+
+    grid = [make_cell(attack="poison", defense="fedavg", dataset="digits", rounds=2, attack_rounds=(2,), seed=s)
+            for s in (0, 1, 2)]
+    original = lockstep._train_together
+
+    def interrupted(trainer, setup, groups):
+        if setup.epochs == 10:  # the poisoning clients' training
+            raise KeyboardInterrupt
+        return original(trainer, setup, groups)
+
+    monkeypatch.setattr(lockstep, "_train_together", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_lockstep(grid)
+    for thread in threading.enumerate():
+        if thread.name.startswith("lockstep-cell-"):
+            thread.join(timeout=10)
+            assert not thread.is_alive()
