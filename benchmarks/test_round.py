@@ -177,3 +177,82 @@ def test_gpu_wbc_overhead(benchmark, fmnist_round, protocol):
     report(benchmark, f"{protocol} round with wbc:s=0.4, GPU", times,
            {"wbc/undefended": ("wbc", "undefended"), "wbc --compile/undefended": ("wbc --compile", "undefended")})
     benchmark.pedantic(timed(wbc), rounds=1, iterations=1)
+
+
+class CompiledStep(StackedTrainer):
+    """The stacked trainer with its local step's forward pass and loss given to ``torch.compile``
+    (AOTAutograd compiles the backward with it); ``mode="reduce-overhead"`` adds CUDA graphs on a GPU.
+    The step's shapes are static within a round (the last minibatch of an epoch aside: one more
+    graph). Measured here before anything is adopted in fedbench (issue 13: adopt what is >= 1.3x
+    faster)."""
+
+    def __init__(self, model, device="cpu", chunk=10, mode=None):
+        super().__init__(model, device, chunk)
+        grouped = self.grouped
+
+        def loss_of(params, x, y, w):
+            logits = grouped(params, x)
+            return (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum()
+
+        self._compiled = torch.compile(loss_of, mode=mode, dynamic=False)
+
+    def _gradients(self, objective):
+        def grads_of(params, x, y, w):
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            return list(torch.autograd.grad(self._compiled(leaves, x, y, w), leaves))
+
+        return grads_of
+
+
+def _compiled_step_times(model, x, y, dev, chunk, modes, repeats):
+    """Best times of a paper and a reference-code round, plain and compiled in each of ``modes``; the
+    compiled updates are checked against the plain ones first (float rounding of a fused kernel)."""
+    g = model.flatten()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    out = {}
+    for protocol, setup, n in (("paper", PAPER, None), ("reference-code", REFERENCE_CODE, 480)):
+        trainers = {"plain": StackedTrainer(model, dev, chunk)}
+        trainers.update({f"compiled[{m or 'default'}]": CompiledStep(model, dev, chunk, m) for m in modes})
+        reference = trainers["plain"].train(g, jobs(x, y, n), setup)
+        variants = {}
+        for name, trainer in trainers.items():
+            got = trainer.train(g, jobs(x, y, n), setup)  # compiles
+            assert torch.allclose(got, reference, atol=1e-5, rtol=1e-3), (name, float((got - reference).abs().max()))
+
+            def call(trainer=trainer):
+                trainer.train(g, jobs(x, y, n), setup)
+                sync()
+
+            variants[f"{protocol} {name}"] = call
+        out.update(best_times(variants, repeats=repeats))
+    return out
+
+
+@pytest.mark.timeout(1800)
+def test_cpu_compiled_step(benchmark, fmnist_round):
+    """``torch.compile`` of the stacked local step on the CPU (inductor's C++ kernels around oneDNN's
+    convolutions). Measured 2026-11-29: 2-2.6x slower than plain (the grouped channels-last
+    convolutions are what a CPU round spends its time in), so not adopted."""
+    model, x, y = fmnist_round
+    times = _compiled_step_times(model, x, y, torch.device("cpu"), 10, [None], repeats=2)
+    report(benchmark, "compiled local step, CPU", times,
+           {f"{p} plain/compiled": (f"{p} plain", f"{p} compiled[default]") for p in ("paper", "reference-code")})
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.timeout(1800)
+def test_gpu_compiled_step(benchmark, fmnist_round):
+    """Issue 13: ``torch.compile`` and CUDA graphs (``mode="reduce-overhead"``) for the stacked local
+    step on a GPU, where the reference-code step (10 clients x batch 10) is launch-bound; adopt what is
+    >= 1.3x faster than plain."""
+    model, x, y = fmnist_round
+    dev = torch.device("cuda")
+    model = type(model)(model.module.to(dev))
+    times = _compiled_step_times(model, x.to(dev), y.to(dev), dev, 1000, [None, "reduce-overhead"], repeats=5)
+    ratios = {}
+    for p in ("paper", "reference-code"):
+        for m in ("default", "reduce-overhead"):
+            ratios[f"{p} plain/compiled[{m}]"] = (f"{p} plain", f"{p} compiled[{m}]")
+    report(benchmark, "compiled local step, GPU", times, ratios)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
