@@ -21,7 +21,8 @@ over the rounds as any two trainers' are (tests/test_lockstep.py states the tole
 
 Faults stay per cell: a cell whose round raises is recorded failed and leaves the group; if the
 shared training itself raises (a client defense's plugin), each cell's clients are trained again on
-their own, so the exception lands on the cell whose defense raised.
+their own, so the exception lands on the cell whose defense raised. A timeout or an interrupt stops
+the whole group, the cells' own threads included (:func:`_run_fibers`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class _Fiber:
     row: dict[str, Any] | BaseException | None = None
     done: bool = False
     cancelled: bool = False
+    thread: threading.Thread | None = None
 
 
 def _finish_together(items: list[tuple[Any, torch.Tensor | BaseException]]) -> list[dict[str, Any] | BaseException]:
@@ -226,17 +228,19 @@ def _run_fibers(fibers: list[_Fiber]) -> list[dict[str, Any] | BaseException]:
             fiber.done = True
             back.set()
 
-    threads = [threading.Thread(target=body, args=(f,), name=f"lockstep-cell-{i}", daemon=True)
-               for i, f in enumerate(fibers)]
-    for thread in threads:
-        thread.start()
+    for i, fiber in enumerate(fibers):
+        fiber.thread = threading.Thread(target=body, args=(fiber,), name=f"lockstep-cell-{i}", daemon=True)
+        fiber.thread.start()
+    holder: list[threading.Thread] = []  # the thread that has the turn, while it has it
     try:
         turn = fibers
         while turn:
             for fiber in turn:
+                holder[:] = [fiber.thread]
                 fiber.go.set()
                 back.wait()
                 back.clear()
+                holder.clear()
             turn = [f for f in fibers if not f.done]
             if not turn:
                 break
@@ -249,11 +253,24 @@ def _run_fibers(fibers: list[_Fiber]) -> list[dict[str, Any] | BaseException]:
                 for fiber, reply in zip(waiting, replies):
                     fiber.reply, fiber.request = reply, None
     except BaseException:
-        for fiber in fibers:  # a waiting thread ends at once; a running one when it next asks
+        for fiber in fibers:  # a waiting thread ends at once
             if not fiber.done:
                 fiber.cancelled = True
                 fiber.go.set()
+        for thread in holder:  # the one running plugin code (a hung one, say) at its next line of Python
+            _interrupt(thread)
         raise
-    for thread in threads:
-        thread.join()
+    for fiber in fibers:
+        fiber.thread.join()
     return [f.row for f in fibers]  # type: ignore[misc]
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise :class:`Cancelled` in ``thread`` at its next Python instruction (CPython's
+    ``PyThreadState_SetAsyncExc``): a timeout reaches only the main thread, and a cell whose attack or
+    server stage hangs in a loop of Python would otherwise keep a core busy in this process for good.
+    Code stuck in C is not reached (the executors' kill of the worker is for that)."""
+    import ctypes
+
+    if thread.ident is not None and thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Cancelled))

@@ -263,3 +263,27 @@ def test_a_stop_while_cells_wait_for_training_leaves_no_thread_behind(monkeypatc
         if thread.name.startswith("lockstep-cell-"):
             thread.join(timeout=10)
             assert not thread.is_alive()
+
+
+def test_a_timeout_stops_a_cell_hung_in_its_own_thread_and_the_waiting_ones():
+    """Two cells whose aggregator loops forever in their adversarial round (Python code, in the
+    threads cells with malicious clients finish their rounds in): the group's alarm stops the
+    driver, and neither thread is left running."""
+    import importlib
+    import threading
+
+    from fedbench.executors import Alarm, CellTimeout
+
+    hanging = importlib.import_module("plugins_that_hang")
+    fedbench.register_plugin(hanging, name="lockstep-hang")
+    try:
+        grid = [make_cell(attack="poison", defense="test-spin", dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
+                for s in (0, 1)]
+        with pytest.raises(CellTimeout), Alarm(2):
+            run_lockstep(grid)
+    finally:
+        fedbench.unregister_plugin("lockstep-hang")
+    for thread in threading.enumerate():
+        if thread.name.startswith("lockstep-cell-"):
+            thread.join(timeout=10)
+            assert not thread.is_alive()
