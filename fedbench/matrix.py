@@ -526,10 +526,9 @@ LOCKSTEP_CELLS = {"cpu": 20, "cuda": 60}
 def default_lockstep(device: str) -> bool:
     """Whether a grid runs in lockstep unless told: on a GPU yes (its rounds are launch-bound, and
     lockstep turns many small batches into few large ones; not yet measured on one); on a CPU no.
-    There benchmarks/test_lockstep.py measured 0.99x the cells per hour of one cell at a time under
-    the reference-code protocol and 2.0x under the paper's, each from one timed run on a loaded
-    2-core host (an earlier informal run of 8 paper cells gave 0.9x): not evidence enough to change
-    the default for every CPU user."""
+    There benchmarks/test_lockstep.py measured 0.87-1.0x the cells per hour of one cell at a time
+    (interleaved repeats: 0.94-0.99), once 2.0x on a loaded host: the stacked trainer already works
+    in chunks of 10 clients on a CPU, so there is nothing to win (benchmarks/README.md)."""
     return device.startswith("cuda")
 
 
