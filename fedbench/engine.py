@@ -222,12 +222,6 @@ class CellRun:
     def done(self) -> bool:
         return self.status != "ok" or self.round > self.cell.rounds
 
-    @property
-    def finish_trains(self) -> bool:
-        """Whether :meth:`finish_round` of the round under way may train (through its ``train``): the
-        round has malicious clients, or the server trains on root data."""
-        return self._pending is not None and (bool(self._pending[1]) or self.root is not None)
-
     def threads(self):
         """The thread setting this cell's model trains best with (:func:`_cpu_threads`)."""
         return _cpu_threads(self.module, self.device)

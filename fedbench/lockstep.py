@@ -22,12 +22,11 @@ over the rounds as any two trainers' are (tests/test_lockstep.py states the tole
 Faults stay per cell: a cell whose round raises is recorded failed and leaves the group; if the
 shared training itself raises (a client defense's plugin), each cell's clients are trained again on
 their own, so the exception lands on the cell whose defense raised. A timeout or an interrupt stops
-the whole group, the cells' own threads included (:func:`_run_fibers`).
+the whole group: it is raised in the cell that is running, and thrown into the cells that wait.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -111,8 +110,6 @@ def run_lockstep(
             finished = _finish_together([(runs[i], upd) for (i, _jobs), upd in zip(requests, updates)])
         for (i, _jobs), row in zip(requests, finished):
             if isinstance(row, BaseException):
-                if not isinstance(row, Exception):  # an exit or an interrupt is not the cell's failure
-                    raise row
                 finish(i, row)
                 continue
             outcomes[i].rounds_done.append(row["round"])
@@ -143,134 +140,109 @@ def _train_together(trainer, setup, groups: list[tuple[torch.Tensor, list, Seque
 
 
 class Cancelled(BaseException):
-    """The lockstep group stopped (a timeout, an interrupt) while this cell waited for its training."""
+    """Thrown into the cells still waiting in their round when the lockstep group stops (a timeout,
+    an interrupt), so that their code unwinds."""
 
 
 @dataclass
 class _Fiber:
-    """One cell finishing its round in a thread of its own (see :func:`_finish_together`)."""
+    """One cell finishing its round as a greenlet of its own (see :func:`_finish_together`)."""
 
     run: Any  # fedbench.engine.CellRun
-    updates: torch.Tensor | BaseException
-    go: threading.Event = field(default_factory=threading.Event)
+    updates: torch.Tensor
+    greenlet: Any = None
     request: tuple | None = None  # (global parameters, jobs, setup) it waits to have trained
-    reply: torch.Tensor | BaseException | None = None
     row: dict[str, Any] | BaseException | None = None
-    done: bool = False
-    cancelled: bool = False
-    thread: threading.Thread | None = None
+    grad_enabled: bool = True  # autograd's mode where the cell stopped (a thread-wide switch in torch)
 
 
 def _finish_together(items: list[tuple[Any, torch.Tensor | BaseException]]) -> list[dict[str, Any] | BaseException]:
-    """Finish the round of every item ``(run, its benign updates)``; returns each one's metrics, or the
-    exception that stopped it. The plain training of the rounds (malicious clients whose attack asks
-    for the standard objective, FLTrust's root update: ``CellRun.finish_round``'s ``train``) is done for
-    all cells together, per local setup, in one stacked batch.
+    """Finish the round of every item ``(run, its benign updates)``, in order; returns each one's
+    metrics, or the exception that stopped it. The plain training of the rounds (malicious clients
+    whose attack trains with the standard objective and no hooks of its own, FLTrust's root update:
+    ``CellRun.finish_round``'s ``train``) is done for all cells together, one stacked batch per local
+    setup.
 
-    An attack calls its training from deep inside its own code, so each cell with an adversarial round
-    finishes it in a thread of its own, and the threads take turns: exactly one runs at a time, in
-    cell order, until it asks for training or finishes; once every one of them waits or is done, the
-    waiting requests are trained together and the waiting threads resume in turn. Nothing runs
-    concurrently, so plugins need not be thread-safe, and the order of everything is fixed: the same
-    numbers every time, and those of one cell at a time up to the float rounding of a wider batch (as
-    for the benign clients). A cell without malicious clients this round finishes right here."""
+    An attack calls its training from deep inside its own code, so each cell finishes its round as a
+    greenlet (a coroutine with a stack of its own, in this thread), and the cells take turns: one
+    runs, in cell order, until it asks for training or finishes; once every one of them waits or is
+    done, the waiting requests are trained together and the waiting cells resume in turn. It is all
+    one thread: plugin code never runs concurrently, torch's thread-local settings are the driver's,
+    the order of everything is fixed (the same numbers every time, and those of one cell at a time up
+    to the float rounding of a wider batch, as for the benign clients), and a timeout's alarm or an
+    interrupt lands in the code that is running, as it would without lockstep."""
     out: list[dict[str, Any] | BaseException | None] = [None] * len(items)
     fibers: list[tuple[int, _Fiber]] = []
     for k, (run, updates) in enumerate(items):
         if isinstance(updates, BaseException):
             out[k] = updates
-        elif run.finish_trains:
-            fibers.append((k, _Fiber(run, updates)))
         else:
-            out[k] = _finish_one(run, updates)
-    if len(fibers) == 1:  # nothing to share training with
-        k, fiber = fibers[0]
-        out[k] = _finish_one(fiber.run, fiber.updates)
-    elif fibers:
-        for (k, _), row in zip(fibers, _run_fibers([f for _, f in fibers])):
-            out[k] = row
+            fibers.append((k, _Fiber(run, updates)))
+    for (k, _), row in zip(fibers, _run_fibers([f for _, f in fibers])):
+        out[k] = row
     return out  # type: ignore[return-value]
 
 
-def _finish_one(run, updates, train=None) -> dict[str, Any] | BaseException:
-    try:
-        return run.finish_round(updates, train=train)
-    except Exception as error:  # noqa: BLE001 - one cell's problem is recorded on that cell
-        return error
-
-
 def _run_fibers(fibers: list[_Fiber]) -> list[dict[str, Any] | BaseException]:
-    back = threading.Event()  # set by the fiber that holds the turn when it gives it back
+    from greenlet import getcurrent, greenlet
 
-    def ask(fiber: _Fiber, start, jobs, setup):
-        fiber.request = (start, jobs, setup)
-        back.set()
-        fiber.go.wait()
-        fiber.go.clear()
-        if fiber.cancelled:
-            raise Cancelled("the lockstep group stopped")
-        reply, fiber.reply = fiber.reply, None
+    driver = getcurrent()
+
+    def train(fiber: _Fiber, start, jobs, setup):
+        if getcurrent() is not fiber.greenlet:  # kept by an attack and called later, or from its own thread
+            return fiber.run.trainer.train(start, jobs, setup)
+        reply = driver.switch((start, jobs, setup))
         if isinstance(reply, BaseException):
             raise reply
         return reply
 
-    def body(fiber: _Fiber) -> None:
-        fiber.go.wait()
-        fiber.go.clear()
+    def body(fiber: _Fiber):
         try:
-            if fiber.cancelled:
-                raise Cancelled("the lockstep group stopped")
-            fiber.row = _finish_one(fiber.run, fiber.updates,
-                                    lambda start, jobs, setup: ask(fiber, start, jobs, setup))
-        except BaseException as error:  # noqa: BLE001 - Cancelled: nobody reads it any more
-            fiber.row = error
-        finally:
-            fiber.done = True
-            back.set()
+            return fiber.run.finish_round(fiber.updates, train=lambda start, jobs, setup: train(fiber, start, jobs, setup))
+        except Exception as error:  # noqa: BLE001 - one cell's problem is recorded on that cell
+            return error
 
-    for i, fiber in enumerate(fibers):
-        fiber.thread = threading.Thread(target=body, args=(fiber,), name=f"lockstep-cell-{i}", daemon=True)
-        fiber.thread.start()
-    holder: list[threading.Thread] = []  # the thread that has the turn, while it has it
+    def resume(fiber: _Fiber, value=None) -> None:
+        """Run ``fiber`` until it asks for training or finishes, under its own autograd mode."""
+        mine = torch.is_grad_enabled()
+        torch.set_grad_enabled(fiber.grad_enabled)
+        try:
+            got = fiber.greenlet.switch(value)
+        finally:
+            fiber.grad_enabled = torch.is_grad_enabled()
+            torch.set_grad_enabled(mine)
+        if fiber.greenlet.dead:
+            fiber.row, fiber.request = got, None
+        else:
+            fiber.request = got
+
+    for fiber in fibers:
+        fiber.greenlet = greenlet(lambda *_, fiber=fiber: body(fiber), parent=driver)  # the first switch's value is ignored
     try:
-        turn = fibers
-        while turn:
-            for fiber in turn:
-                holder[:] = [fiber.thread]
-                fiber.go.set()
-                back.wait()
-                back.clear()
-                holder.clear()
-            turn = [f for f in fibers if not f.done]
-            if not turn:
+        for fiber in fibers:
+            resume(fiber)
+        while True:
+            waiting = [f for f in fibers if not f.greenlet.dead]
+            if not waiting:
                 break
             by_setup: dict[Any, list[_Fiber]] = {}
-            for fiber in turn:
-                by_setup.setdefault(fiber.request[2], []).append(fiber)
-            for setup, waiting in by_setup.items():
-                first = waiting[0].run
-                replies = _train_together(first.trainer, setup, [(f.request[0], f.request[1], ()) for f in waiting])
-                for fiber, reply in zip(waiting, replies):
-                    fiber.reply, fiber.request = reply, None
+            for fiber in waiting:  # each request trains under the autograd mode it was made in, as alone
+                by_setup.setdefault((fiber.request[2], fiber.grad_enabled), []).append(fiber)
+            replies: dict[int, torch.Tensor | BaseException] = {}
+            for (setup, grad_enabled), group in by_setup.items():
+                with torch.set_grad_enabled(grad_enabled):
+                    trained = _train_together(group[0].run.trainer, setup, [(f.request[0], f.request[1], ()) for f in group])
+                replies.update({id(f): r for f, r in zip(group, trained)})
+            for fiber in waiting:
+                resume(fiber, replies[id(fiber)])
     except BaseException:
-        for fiber in fibers:  # a waiting thread ends at once
-            if not fiber.done:
-                fiber.cancelled = True
-                fiber.go.set()
-        for thread in holder:  # the one running plugin code (a hung one, say) at its next line of Python
-            _interrupt(thread)
+        for fiber in fibers:  # unwind the cells still waiting (their finally blocks run here and now)
+            for _ in range(3):  # one that catches Cancelled and asks again gets it again
+                if fiber.greenlet is None or fiber.greenlet.dead or not fiber.greenlet:
+                    break
+                try:
+                    fiber.greenlet.throw(Cancelled("the lockstep group stopped"))
+                except BaseException:  # noqa: BLE001 - the Cancelled coming back, or what unwinding raised
+                    pass
         raise
-    for fiber in fibers:
-        fiber.thread.join()
     return [f.row for f in fibers]  # type: ignore[misc]
-
-
-def _interrupt(thread: threading.Thread) -> None:
-    """Raise :class:`Cancelled` in ``thread`` at its next Python instruction (CPython's
-    ``PyThreadState_SetAsyncExc``): a timeout reaches only the main thread, and a cell whose attack or
-    server stage hangs in a loop of Python would otherwise keep a core busy in this process for good.
-    Code stuck in C is not reached (the executors' kill of the worker is for that)."""
-    import ctypes
-
-    if thread.ident is not None and thread.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Cancelled))

@@ -240,50 +240,132 @@ def test_fltrust_root_updates_of_many_cells_train_in_one_batch(monkeypatch):
         assert_same_rows(out.result.rounds, run_cell(cell).rounds)
 
 
-def test_a_stop_while_cells_wait_for_training_leaves_no_thread_behind(monkeypatch):
-    """An interrupt (or a group timeout) in the driver while cells wait for their malicious training:
-    it reaches the caller, and the waiting cells' threads end."""
-    import threading
+@dataclass(kw_only=True)
+class Unwinds(fedbench.Attack):
+    """Sign flipping that records, per cell, that its code unwound (its finally block ran)."""
 
+    name: ClassVar[str] = "unwinds-test"
+    unwound: ClassVar[list] = []
+
+    def malicious_updates(self, rnd):
+        try:
+            return -rnd.train(rnd.client_data)
+        finally:
+            Unwinds.unwound.append(rnd.generator.initial_seed())
+
+
+@dataclass(kw_only=True)
+class TrainsWithoutGrad(fedbench.Attack):
+    """Asks for its training with autograd off: that fails (no gradient), in lockstep as alone."""
+
+    name: ClassVar[str] = "no-grad-test"
+
+    def malicious_updates(self, rnd):
+        with torch.no_grad():
+            return rnd.train(rnd.client_data)
+
+
+def test_a_cell_that_trains_with_autograd_off_fails_alone_in_its_group():
+    """Autograd's on/off switch is one per thread in torch, and the cells of a group share the
+    driver's thread: each cell keeps its own, and its training requests run under it."""
+
+    class Plugin:
+        @fedbench.hookimpl
+        def register_attacks(self, register):
+            register(TrainsWithoutGrad)
+
+    fedbench.register_plugin(Plugin(), name="lockstep-no-grad")
+    try:
+        bad = make_cell(attack="no-grad-test", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,))
+        good = [make_cell(attack="poison", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
+                for s in (1, 2)]
+        with pytest.raises(RuntimeError) as alone:
+            run_cell(bad)
+        outs = run_lockstep([good[0], bad, good[1]])
+    finally:
+        fedbench.unregister_plugin("lockstep-no-grad")
+    assert str(outs[1].error) == str(alone.value) and outs[1].rounds_done == [1]
+    for cell, out in zip(good, (outs[0], outs[2])):
+        assert out.error is None
+        assert_same_rows(out.result.rounds, run_cell(cell).rounds)
+    assert torch.is_grad_enabled()
+
+
+def test_a_stop_while_cells_wait_for_training_reaches_the_caller_and_unwinds_them(monkeypatch):
+    """An interrupt (or a group timeout) in the driver while cells wait for their batched malicious
+    training: it reaches the caller, and every waiting cell's code unwinds then and there."""
     from fedbench import lockstep
 
-    grid = [make_cell(attack="poison", defense="fedavg", dataset="digits", rounds=2, attack_rounds=(2,), seed=s)
-            for s in (0, 1, 2)]
+    class Plugin:
+        @fedbench.hookimpl
+        def register_attacks(self, register):
+            register(Unwinds)
+
+    fedbench.register_plugin(Plugin(), name="lockstep-unwinds")
+    Unwinds.unwound.clear()
     original = lockstep._train_together
+    calls = []
 
     def interrupted(trainer, setup, groups):
-        if setup.epochs == 10:  # the poisoning clients' training
+        calls.append(groups)
+        if len(calls) == 3:  # after the benign clients of rounds 1 and 2: the malicious ones of round 2
             raise KeyboardInterrupt
         return original(trainer, setup, groups)
 
     monkeypatch.setattr(lockstep, "_train_together", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_lockstep(grid)
-    for thread in threading.enumerate():
-        if thread.name.startswith("lockstep-cell-"):
-            thread.join(timeout=10)
-            assert not thread.is_alive()
+    try:
+        grid = [make_cell(attack="unwinds-test", defense="fedavg", dataset="digits", rounds=2, attack_rounds=(2,), seed=s)
+                for s in (0, 1, 2)]
+        with pytest.raises(KeyboardInterrupt):
+            run_lockstep(grid)
+    finally:
+        fedbench.unregister_plugin("lockstep-unwinds")
+    assert all(defenses == () for _, _, defenses in calls[2])  # it was the malicious training
+    assert len(Unwinds.unwound) == 3 and len(set(Unwinds.unwound)) == 3
 
 
-def test_a_timeout_stops_a_cell_hung_in_its_own_thread_and_the_waiting_ones():
-    """Two cells whose aggregator loops forever in their adversarial round (Python code, in the
-    threads cells with malicious clients finish their rounds in): the group's alarm stops the
-    driver, and neither thread is left running."""
+def test_when_the_batched_malicious_training_raises_each_cell_trains_its_own(monkeypatch):
+    """A failure of the shared malicious batch is found out cell by cell: here it raised only because
+    it was shared, so every cell trains its malicious clients on its own, with its own numbers."""
+    from fedbench.training import StackedTrainer
+
+    original = StackedTrainer.train_groups
+
+    def fails_when_malicious(self, groups, setup):
+        if setup.epochs == 10:
+            raise RuntimeError("shared batch failed")
+        return original(self, groups, setup)
+
+    monkeypatch.setattr(StackedTrainer, "train_groups", fails_when_malicious)
+    grid = [make_cell(attack="poison", defense=d, dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
+            for d, s in (("fedavg", 0), ("cma", 1))]
+    outs = run_lockstep(grid)
+    for cell, out in zip(grid, outs):
+        assert out.error is None
+        assert_same_rows(out.result.rounds, run_cell(cell).rounds)
+
+
+@pytest.mark.parametrize("hang", ["test-spin", "test-sleepy"])
+def test_a_timeout_lands_in_the_lockstep_cell_that_hangs(hang):
+    """Cells whose aggregator loops forever, or whose attack sleeps forever, in their adversarial
+    round -- two of each, beside a healthy cell: the group's alarm stops the cell that is running,
+    there (its traceback names the plugin's code), and the caller gets the timeout."""
     import importlib
-    import threading
+    import traceback
 
     from fedbench.executors import Alarm, CellTimeout
 
     hanging = importlib.import_module("plugins_that_hang")
     fedbench.register_plugin(hanging, name="lockstep-hang")
+    attack, defense = ("poison", "test-spin") if hang == "test-spin" else ("test-sleepy", "fedavg")
     try:
-        grid = [make_cell(attack="poison", defense="test-spin", dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
-                for s in (0, 1)]
-        with pytest.raises(CellTimeout), Alarm(2):
+        grid = [make_cell(attack="poison", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,))]
+        grid += [make_cell(attack=attack, defense=defense, dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
+                 for s in (0, 1)]
+        with pytest.raises(CellTimeout) as stopped, Alarm(5):
             run_lockstep(grid)
     finally:
         fedbench.unregister_plugin("lockstep-hang")
-    for thread in threading.enumerate():
-        if thread.name.startswith("lockstep-cell-"):
-            thread.join(timeout=10)
-            assert not thread.is_alive()
+    frames = [f.name for f in traceback.extract_tb(stopped.value.__traceback__)]
+    assert ("aggregate" if hang == "test-spin" else "malicious_updates") in frames
+    assert "_run_fibers" in frames
