@@ -26,6 +26,7 @@ matplotlib is imported only here, and only when a figure is drawn, so ``import f
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +41,9 @@ FORMATS = (".png", ".svg", ".pdf")
 THRESHOLD = 0.5
 #: One panel's size in inches, and the font size in points.
 PANEL = (6.4, 4.0)
+#: Up to this many points a trade-off plot labels each with its defense stack; past it, or when points
+#: coincide, it numbers them and lists the stacks beside the axes.
+DIRECT_LABELS = 8
 FONT = 9
 
 #: Per-round metrics that live in [0, 1]; their bands are clipped to it.
@@ -191,6 +195,29 @@ def _attacks_of(board: pd.DataFrame) -> list[str]:
     return [c[: -len("/status")] for c in board.columns if c.endswith("/status") and not board[c].isna().all()]
 
 
+def _label_clusters(points: list[tuple[float, float, str]], near: float = 0.03) -> list[tuple[float, float, list[str]]]:
+    """Points whose labels would print over each other, as one label: within ``near`` of the plot's
+    span of each other on both axes (a sweep's weak settings often all sit on the undefended run's
+    point). Returns ``(x, y, names)`` per label, at the cluster's leftmost point, names by accuracy."""
+    if not points:
+        return []
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    clusters: list[list[tuple[float, float, str]]] = []
+    for p in sorted(points, key=lambda p: (p[1], p[0])):
+        for cluster in clusters:
+            if any(abs(p[0] - q[0]) <= near * dx and abs(p[1] - q[1]) <= near * dy for q in cluster):
+                cluster.append(p)
+                break
+        else:
+            clusters.append([p])
+    out = []
+    for cluster in clusters:
+        cluster.sort(key=lambda p: p[0])
+        out.append((cluster[0][0], cluster[0][1], [p[2] for p in sorted(cluster, key=lambda p: -p[0])]))
+    return out
+
+
 def tradeoff_figure(board: pd.DataFrame, *, value: str = "mitigation_avg", title: str | None = None):
     """Clean benign accuracy against attack-mitigation rounds, one point per defense stack; ``board``
     is one setting of :func:`fedbench.leaderboard.build`. ``value``: ``mitigation_avg`` (each run's
@@ -206,6 +233,7 @@ def tradeoff_figure(board: pd.DataFrame, *, value: str = "mitigation_avg", title
     fig = _figure(*PANEL)
     ax = fig.subplots()
     exact = censored = 0
+    points = []
     for r in board.to_dict("records"):
         values = [r[c] for c in cols if not _nan(r[c])]
         if not values or _nan(r["clean_accuracy_mean"]):
@@ -217,8 +245,21 @@ def tradeoff_figure(board: pd.DataFrame, *, value: str = "mitigation_avg", title
                 label=("lower bound (censored)" if not censored else "_nolegend_") if lower
                 else ("mean (exact)" if not exact else "_nolegend_"))
         exact, censored = exact + (not lower), censored + lower
-        ax.annotate(str(r["defense"]), (r["clean_accuracy_mean"], y), textcoords="offset points", xytext=(5, 4),
-                    fontsize=FONT - 1)
+        points.append((r["clean_accuracy_mean"], y, str(r["defense"])))
+    clusters = _label_clusters(points)
+    if len(clusters) <= DIRECT_LABELS and all(len(names) == 1 for _, _, names in clusters):
+        for x, y, names in clusters:
+            ax.annotate(names[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=FONT - 1)
+    else:  # a sweep: numbers at the points, the stacks they stand for beside the axes
+        from matplotlib.lines import Line2D
+
+        handles, texts = [], []
+        for i, (x, y, names) in enumerate(clusters, 1):
+            ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=FONT - 1, gid="key")
+            handles.append(Line2D([], [], marker=f"${i}$", linestyle="none", color="0.2", markersize=7))
+            texts.append(textwrap.fill(", ".join(names), 34))
+        fig.legend(handles, texts, loc="outside right upper", fontsize=FONT - 2, title="defense stacks",
+                   title_fontsize=FONT - 1, handletextpad=0.4, labelspacing=0.6)
     ax.set_xlabel("clean benign accuracy (fraction of test set; mean over seeds)", fontsize=FONT)
     per_run = "each run's mean over its attacks" if value == "mitigation_avg" else "each run's longest attack"
     ax.set_ylabel(f"attack-mitigation rounds ({per_run};\nmean over seeds)", fontsize=FONT)

@@ -137,6 +137,27 @@ def test_tradeoff_of_the_longest_attack_reads_each_runs_maximum(tmp_path):
         plots.store_figure(tmp_path / "runs.db", "tradeoff", metric="peak")
 
 
+def test_a_sweeps_tradeoff_plot_numbers_its_points_and_coinciding_ones_share_a_number(tmp_path):
+    """Ten stacks, three of them on the same point (weak settings that change nothing): the points
+    get numbers, the stacks are listed beside the axes, and the three share one number."""
+    sweep = [f"wbc:s={s}" for s in (0.1, 0.2, 0.3, 0.7, 1.0)] + [f"ldp:sigma={s}" for s in (0.1, 0.3, 3.0, 10.0)]
+    with Store.open(tmp_path / "runs.db") as store:
+        for i, defense in enumerate(["fedavg", *sweep]):
+            weak = defense in ("fedavg", "ldp:sigma=0.1", "ldp:sigma=0.3")
+            acc = 0.9 if weak else 0.85 - 0.02 * i
+            put(store, "none", defense, 0, acc)
+            put(store, "poison", defense, 0, acc, success=[0.1, 0.9, 0.8, 0.7] if weak else [0.1, 0.9, 0.2, 0.2],
+                mitigation=[(2, True)] if weak else [(1, False)])
+    fig = plots.store_figure(tmp_path / "runs.db", "tradeoff")[0]
+    ax = fig.axes[0]
+    numbers = [t.get_text() for t in ax.texts if t.get_gid() == "key"]
+    assert numbers == [str(i) for i in range(1, 9)]  # 10 stacks, 3 on one point
+    (key,) = fig.legends
+    listed = [t.get_text().replace("\n", " ") for t in key.get_texts()]
+    assert len(listed) == 8 and sorted(", ".join(listed).split(", ")) == sorted(["fedavg", *sweep])
+    assert any(set(entry.split(", ")) == {"fedavg", "ldp:sigma=0.1", "ldp:sigma=0.3"} for entry in listed)
+
+
 def test_heatmap_annotates_each_defense_and_attack_with_its_score_term(censored_store):
     fig, _, _ = plots.store_figure(censored_store, "heatmap")
     ax = fig.axes[0]
