@@ -52,12 +52,27 @@ def _grid(n: int, protocol: str, rounds: int, **kw):
 
 
 def _compare(benchmark, title, cells, data_dir, device, repeats=2):
+    """Cells per hour: one ``run_cell`` after another, ``run_lockstep``, and ``run_lockstep`` with each
+    cell's malicious training on its own (as before it was batched across cells)."""
+    from fedbench import lockstep
+
+    def malicious_per_cell():
+        batched = lockstep._finish_together
+        lockstep._finish_together = lambda items: [u if isinstance(u, BaseException) else run.finish_round(u)
+                                                   for run, u in items]
+        try:
+            run_lockstep(cells, data_dir=data_dir, device=device)
+        finally:
+            lockstep._finish_together = batched
+
     load_dataset(cells[0].dataset, data_dir)
     times = best_times({
         "alone": lambda: [run_cell(c, data_dir=data_dir, device=device) for c in cells],
         "lockstep": lambda: run_lockstep(cells, data_dir=data_dir, device=device),
+        "lockstep, malicious per cell": malicious_per_cell,
     }, repeats=repeats)
-    return report(benchmark, title, times, {"cells_per_hour lockstep/alone": ("alone", "lockstep")})
+    return report(benchmark, title, times, {"cells_per_hour lockstep/alone": ("alone", "lockstep"),
+                                            "lockstep: malicious batched/per cell": ("lockstep, malicious per cell", "lockstep")})
 
 
 @pytest.mark.timeout(3600)
