@@ -238,7 +238,7 @@ def _run_fibers(fibers: list[_Fiber]) -> list[dict[str, Any] | BaseException]:
     except BaseException:
         for fiber in fibers:  # unwind the cells still waiting (their finally blocks run here and now)
             for _ in range(3):  # one that catches Cancelled and asks again gets it again
-                if fiber.greenlet is None or fiber.greenlet.dead or not fiber.greenlet:
+                if not fiber.greenlet:  # false once it is dead
                     break
                 try:
                     fiber.greenlet.throw(Cancelled("the lockstep group stopped"))

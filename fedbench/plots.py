@@ -213,8 +213,8 @@ def _label_clusters(points: list[tuple[float, float, str]], near: float = 0.03) 
             clusters.append([p])
     out = []
     for cluster in clusters:
-        cluster.sort(key=lambda p: p[0])
-        out.append((cluster[0][0], cluster[0][1], [p[2] for p in sorted(cluster, key=lambda p: -p[0])]))
+        x, y, _ = min(cluster, key=lambda p: p[0])
+        out.append((x, y, [p[2] for p in sorted(cluster, key=lambda p: -p[0])]))
     return out
 
 

@@ -93,10 +93,39 @@ class BrokenDefense(fedbench.ClientDefense):
         raise ValueError("broken defense")
 
 
+@dataclass(kw_only=True)
+class Unwinds(fedbench.Attack):
+    """Sign flipping that records, per cell, that its code unwound (its finally block ran)."""
+
+    name: ClassVar[str] = "unwinds-test"
+    unwound: ClassVar[list] = []
+
+    def malicious_updates(self, rnd):
+        try:
+            return -rnd.train(rnd.client_data)
+        finally:
+            Unwinds.unwound.append(rnd.generator.initial_seed())
+
+
+@dataclass(kw_only=True)
+class TrainsWithoutGrad(fedbench.Attack):
+    """Asks for its training with autograd off: that fails (no gradient), in lockstep as alone."""
+
+    name: ClassVar[str] = "no-grad-test"
+
+    def malicious_updates(self, rnd):
+        with torch.no_grad():
+            return rnd.train(rnd.client_data)
+
+
 class _Plugin:
+    """The test components above, for the tests that ask for ``faulty_plugins``."""
+
     @fedbench.hookimpl
     def register_attacks(self, register):
         register(Explodes)
+        register(Unwinds)
+        register(TrainsWithoutGrad)
 
     @fedbench.hookimpl
     def register_defenses(self, register):
@@ -240,50 +269,15 @@ def test_fltrust_root_updates_of_many_cells_train_in_one_batch(monkeypatch):
         assert_same_rows(out.result.rounds, run_cell(cell).rounds)
 
 
-@dataclass(kw_only=True)
-class Unwinds(fedbench.Attack):
-    """Sign flipping that records, per cell, that its code unwound (its finally block ran)."""
-
-    name: ClassVar[str] = "unwinds-test"
-    unwound: ClassVar[list] = []
-
-    def malicious_updates(self, rnd):
-        try:
-            return -rnd.train(rnd.client_data)
-        finally:
-            Unwinds.unwound.append(rnd.generator.initial_seed())
-
-
-@dataclass(kw_only=True)
-class TrainsWithoutGrad(fedbench.Attack):
-    """Asks for its training with autograd off: that fails (no gradient), in lockstep as alone."""
-
-    name: ClassVar[str] = "no-grad-test"
-
-    def malicious_updates(self, rnd):
-        with torch.no_grad():
-            return rnd.train(rnd.client_data)
-
-
-def test_a_cell_that_trains_with_autograd_off_fails_alone_in_its_group():
+def test_a_cell_that_trains_with_autograd_off_fails_alone_in_its_group(faulty_plugins):
     """Autograd's on/off switch is one per thread in torch, and the cells of a group share the
     driver's thread: each cell keeps its own, and its training requests run under it."""
-
-    class Plugin:
-        @fedbench.hookimpl
-        def register_attacks(self, register):
-            register(TrainsWithoutGrad)
-
-    fedbench.register_plugin(Plugin(), name="lockstep-no-grad")
-    try:
-        bad = make_cell(attack="no-grad-test", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,))
-        good = [make_cell(attack="poison", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
-                for s in (1, 2)]
-        with pytest.raises(RuntimeError) as alone:
-            run_cell(bad)
-        outs = run_lockstep([good[0], bad, good[1]])
-    finally:
-        fedbench.unregister_plugin("lockstep-no-grad")
+    bad = make_cell(attack="no-grad-test", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,))
+    good = [make_cell(attack="poison", defense="fedavg", dataset="digits", rounds=3, attack_rounds=(2,), seed=s)
+            for s in (1, 2)]
+    with pytest.raises(RuntimeError) as alone:
+        run_cell(bad)
+    outs = run_lockstep([good[0], bad, good[1]])
     assert str(outs[1].error) == str(alone.value) and outs[1].rounds_done == [1]
     for cell, out in zip(good, (outs[0], outs[2])):
         assert out.error is None
@@ -291,17 +285,11 @@ def test_a_cell_that_trains_with_autograd_off_fails_alone_in_its_group():
     assert torch.is_grad_enabled()
 
 
-def test_a_stop_while_cells_wait_for_training_reaches_the_caller_and_unwinds_them(monkeypatch):
+def test_a_stop_while_cells_wait_for_training_reaches_the_caller_and_unwinds_them(faulty_plugins, monkeypatch):
     """An interrupt (or a group timeout) in the driver while cells wait for their batched malicious
     training: it reaches the caller, and every waiting cell's code unwinds then and there."""
     from fedbench import lockstep
 
-    class Plugin:
-        @fedbench.hookimpl
-        def register_attacks(self, register):
-            register(Unwinds)
-
-    fedbench.register_plugin(Plugin(), name="lockstep-unwinds")
     Unwinds.unwound.clear()
     original = lockstep._train_together
     calls = []
@@ -313,13 +301,10 @@ def test_a_stop_while_cells_wait_for_training_reaches_the_caller_and_unwinds_the
         return original(trainer, setup, groups)
 
     monkeypatch.setattr(lockstep, "_train_together", interrupted)
-    try:
-        grid = [make_cell(attack="unwinds-test", defense="fedavg", dataset="digits", rounds=2, attack_rounds=(2,), seed=s)
-                for s in (0, 1, 2)]
-        with pytest.raises(KeyboardInterrupt):
-            run_lockstep(grid)
-    finally:
-        fedbench.unregister_plugin("lockstep-unwinds")
+    grid = [make_cell(attack="unwinds-test", defense="fedavg", dataset="digits", rounds=2, attack_rounds=(2,), seed=s)
+            for s in (0, 1, 2)]
+    with pytest.raises(KeyboardInterrupt):
+        run_lockstep(grid)
     assert all(defenses == () for _, _, defenses in calls[2])  # it was the malicious training
     assert len(Unwinds.unwound) == 3 and len(set(Unwinds.unwound)) == 3
 
